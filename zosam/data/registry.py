@@ -1,0 +1,114 @@
+"""The dataset registry, the ``DataBundle`` a loader returns, and subset selection."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from zosam.registry import Registry
+
+if TYPE_CHECKING:
+    from zosam.data.config import DataConfig
+
+DATASETS: Registry[Callable[[DataConfig], DataBundle]] = Registry("dataset")
+
+
+@dataclass
+class TensorSplit:
+    """An in-memory split: ``images`` uint8 (N, C, H, W) and ``labels`` int64 (N,)."""
+
+    images: Tensor
+    labels: Tensor
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise ValueError(f"images must be uint8 NCHW, got {self.images.dtype} "
+                             f"{tuple(self.images.shape)}")
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError(f"labels shape {tuple(self.labels.shape)} does not match "
+                             f"{self.images.shape[0]} images")
+        self.labels = self.labels.long()
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class DataBundle:
+    """What ``load_dataset`` returns.
+
+    Attributes:
+        name: registry name (``cifar10-jpeg``).
+        label: what results must be labelled with (``"CIFAR-10 (JPEG copy)"``).
+        train, test: ``TensorSplit`` for in-memory sets, a ``torch.utils.data.Dataset``
+            yielding ``(float CHW tensor, int)`` otherwise (``imagenet``).
+        num_classes, input_shape: model construction (``input_shape`` is (C, H, W)).
+        mean, std: per-channel normalisation in [0, 1] pixel units.
+        hflip: horizontal flips are a valid augmentation (not for digits).
+        classes: class names in label order.
+        meta: provenance (archive hash, subset sizes, ...), logged with the run.
+    """
+
+    name: str
+    label: str
+    train: Any
+    test: Any
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    hflip: bool = True
+    classes: list[str] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def in_memory(self) -> bool:
+        """True when both splits are ``TensorSplit`` (batched by ``BatchLoader``)."""
+        return isinstance(self.train, TensorSplit) and isinstance(self.test, TensorSplit)
+
+
+def balanced_subset(labels: Tensor, n: int, seed: int, num_classes: int) -> Tensor:
+    """Indices of a fixed class-balanced subset of ``n`` samples, sorted.
+
+    Each class gets ``n // num_classes`` samples, the first ``n % num_classes`` classes one
+    more (capped by what the class has). The draw uses its own generator, so it depends on
+    ``seed`` only.
+    """
+    if n >= labels.numel():
+        return torch.arange(labels.numel())
+    gen = torch.Generator().manual_seed(seed)
+    picked = []
+    for c in range(num_classes):
+        idx = torch.nonzero(labels == c).flatten()
+        k = n // num_classes + (1 if c < n % num_classes else 0)
+        picked.append(idx[torch.randperm(idx.numel(), generator=gen)[:k]])
+    return torch.cat(picked).sort().values
+
+
+def apply_subsets(bundle: DataBundle, cfg: DataConfig) -> DataBundle:
+    """Replace the in-memory splits by ``cfg.train_subset`` / ``cfg.test_subset`` subsets."""
+    for split_name, n in (("train", cfg.train_subset), ("test", cfg.test_subset)):
+        split = getattr(bundle, split_name)
+        if n is None:
+            continue
+        if not isinstance(split, TensorSplit):
+            raise ValueError(f"data.{split_name}_subset is only supported for in-memory "
+                             f"datasets, not {bundle.name!r}")
+        # Different seeds per split so that equal sizes do not pick aligned positions.
+        idx = balanced_subset(split.labels, n, cfg.subset_seed + (split_name == "test"),
+                              bundle.num_classes)
+        setattr(bundle, split_name, TensorSplit(split.images[idx], split.labels[idx]))
+        bundle.meta[f"{split_name}_subset"] = int(idx.numel())
+    return bundle
+
+
+def load_dataset(cfg: DataConfig) -> DataBundle:
+    """Load the dataset named by ``cfg.name`` and apply the configured subsets."""
+    bundle = DATASETS.get(cfg.name)(cfg)
+    bundle.meta.setdefault("train_size", len(bundle.train))
+    bundle.meta.setdefault("test_size", len(bundle.test))
+    return apply_subsets(bundle, cfg)
