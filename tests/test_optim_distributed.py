@@ -1,0 +1,72 @@
+"""ZO-SAM under torch.distributed (gloo, 2 CPU processes) equals one process on the whole batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from zosam.optim import ZOSAM, make_closure
+
+pytestmark = pytest.mark.distributed
+
+STEPS, BATCH = 4, 16
+
+
+def _model() -> nn.Module:  # no BatchNorm: per-rank batch statistics would differ
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model
+
+
+def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(BATCH, 6, generator=g), torch.randint(0, 3, (BATCH,), generator=g)) for _ in range(STEPS)]
+
+
+def _train(model: nn.Module, rank: int, world: int) -> None:
+    opt = ZOSAM(model.parameters(), torch.optim.SGD, model=model, q=2, mu=1e-2, seed=5, lr=0.2, momentum=0.9)
+    half = BATCH // world
+    for x, y in _batches():
+        xs, ys = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
+        opt.step(make_closure(model, F.cross_entropy, xs, ys))
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = _model()
+        _train(DDP(model), rank, world)
+        torch.save([p.detach() for p in model.parameters()], f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_ranks_match_one_process_on_the_whole_batch(tmp_path: Path) -> None:
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    single = _model()
+    _train(single, 0, 1)
+    for a, b, s in zip(r0, r1, single.parameters(), strict=True):
+        assert torch.equal(a, b)  # every rank perturbs and updates identically
+        torch.testing.assert_close(a, s.detach(), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(r0[0], _model()[0].weight)  # it trained
