@@ -1,0 +1,45 @@
+"""Sparse training: masks, layer-density distributions, pruning at init and DST.
+
+- :class:`SparsityConfig`: the sparsity schedule as one validated, typed object.
+- :class:`Masking`: owns a model's masks (init, optimizer hookup, updates, checkpoints,
+  reports).
+- :func:`layer_densities` / :func:`layer_counts`: uniform, ER and ERK layer densities and
+  their exact integer counts.
+- :func:`count_flops`: multiply-adds per sample over active conv/linear weights.
+- ``PRUNERS``: the pruning-at-init registry (random, magnitude, snip, grasp, synflow).
+
+Convention: ``density`` = kept fraction of the maskable weights, ``sparsity = 1 - density``.
+"""
+
+from zosam.sparse.config import (
+    DISTRIBUTIONS,
+    DROP_SCHEDULES,
+    DYNAMIC_METHODS,
+    METHODS,
+    STATIC_METHODS,
+    SparsityConfig,
+)
+from zosam.sparse.distributions import layer_counts, layer_densities
+from zosam.sparse.dst import drop_fraction_at, is_update_step
+from zosam.sparse.flops import count_flops
+from zosam.sparse.masking import Masking
+from zosam.sparse.masks import apply_masks, maskable_parameters
+from zosam.sparse.pruners import PRUNERS
+
+__all__ = [
+    "DISTRIBUTIONS",
+    "DROP_SCHEDULES",
+    "DYNAMIC_METHODS",
+    "METHODS",
+    "PRUNERS",
+    "STATIC_METHODS",
+    "Masking",
+    "SparsityConfig",
+    "apply_masks",
+    "count_flops",
+    "drop_fraction_at",
+    "is_update_step",
+    "layer_counts",
+    "layer_densities",
+    "maskable_parameters",
+]

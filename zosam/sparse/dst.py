@@ -1,0 +1,177 @@
+"""Dynamic sparse training (dynamic hosts): drop and grow at a fixed density.
+
+Every update drops ``n`` active weights and grows ``n`` inactive ones, so each layer's
+count stays exact (DSR: the global count). Grow candidates exclude the weights dropped in
+the same update, so an update changes exactly ``2n`` positions.
+
+==========  ==================================  ==========================================
+host        drop (smallest first)               grow (largest first)
+==========  ==================================  ==========================================
+``set``     ``|w|`` per layer                   uniform random
+``rigl``    ``|w|`` per layer                   ``|dL/dw|`` (the dense gradient)
+``mest``    ``|w| + lambda |dL/dw|`` per layer  uniform random
+``dsr``     ``|w|`` over all layers (global)    uniform random, spread across layers in
+                                                proportion to their surviving weights
+==========  ==================================  ==========================================
+
+The drop fraction follows ``drop_schedule`` from ``drop_fraction`` at step 0 and updates
+stop at ``end_fraction`` of training: with ``t = step + 1`` and ``T = end_fraction *
+total_steps``, cosine gives ``f0 (1 + cos(pi t / T)) / 2``, linear ``f0 (1 - t / T)``.
+For MEST this is the mutation ratio, which decays to zero.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from zosam.sparse.config import SparsityConfig
+
+_INF = float("inf")
+
+
+def is_update_step(config: SparsityConfig, step: int, total_steps: int) -> bool:
+    """Whether a dynamic host updates after optimizer step ``step`` (0-based)."""
+    t = step + 1
+    return t % config.update_interval == 0 and t < config.end_fraction * total_steps
+
+
+def drop_fraction_at(config: SparsityConfig, step: int, total_steps: int) -> float:
+    """The drop (mutation) fraction used by an update after optimizer step ``step``."""
+    t = step + 1
+    end = config.end_fraction * total_steps
+    if t >= end:
+        return 0.0
+    f0 = config.drop_fraction
+    if config.drop_schedule == "cosine":
+        return f0 * 0.5 * (1.0 + math.cos(math.pi * t / end))
+    if config.drop_schedule == "linear":
+        return f0 * (1.0 - t / end)
+    return f0
+
+
+def _count(fraction: float, active: int) -> int:
+    return math.floor(fraction * active + 0.5)
+
+
+def drop_grow(
+    mask: Tensor, drop_score: Tensor, grow_score: Tensor, n: int
+) -> tuple[Tensor, int]:
+    """Drop the ``n`` active weights with the lowest ``drop_score``, grow ``n`` by ``grow_score``.
+
+    ``n`` is capped by the active count and by the inactive positions left once the
+    dropped ones are excluded. Returns the new mask and the ``n`` used.
+    """
+    active = int(mask.sum())
+    n = max(0, min(n, active, mask.numel() - active))
+    if n == 0:
+        return mask.clone(), 0
+    flat = mask.flatten()
+    drop = torch.topk(torch.where(flat, -drop_score.flatten(), -_INF), n, sorted=False).indices
+    new = flat.clone()
+    new[drop] = False
+    # Candidates: inactive before the update (so dropped weights are not regrown at once).
+    grow = torch.topk(torch.where(flat, -_INF, grow_score.flatten()), n, sorted=False).indices
+    new[grow] = True
+    return new.view_as(mask), n
+
+
+ScoreFn = Callable[[str, Tensor], Tensor]
+
+
+def layerwise_update(
+    masks: Mapping[str, Tensor],
+    fraction: float,
+    drop_score: ScoreFn,
+    grow_score: ScoreFn,
+) -> dict[str, Tensor]:
+    """Per-layer drop/grow of ``round(fraction * active_l)`` weights in every layer."""
+    out = {}
+    for name, m in masks.items():
+        n = _count(fraction, int(m.sum()))
+        out[name], _ = drop_grow(m, drop_score(name, m), grow_score(name, m), n)
+    return out
+
+
+def global_update(
+    masks: Mapping[str, Tensor],
+    fraction: float,
+    drop_score: ScoreFn,
+    random_score: ScoreFn,
+) -> dict[str, Tensor]:
+    """DSR-style reallocation: global magnitude drop, random growth spread by survivors.
+
+    Drops ``round(fraction * K)`` active weights (``K`` = global active count) with the
+    lowest score over all layers, except each layer's best weight (a layer is never
+    emptied), then grows the same number, allotted to layers in proportion to their
+    surviving counts (largest remainders, capped by each layer's free positions); the
+    global count stays exact while layers gain or lose weights.
+    """
+    names = list(masks)
+    old = [masks[n].flatten() for n in names]
+    scores = []
+    for n, fm in zip(names, old, strict=True):
+        s = torch.where(fm, drop_score(n, masks[n]).flatten().float(), _INF)
+        if bool(fm.any()):
+            s[torch.argmax(torch.where(fm, s, -_INF))] = _INF  # protect the layer's best
+        scores.append(s)
+    droppable = torch.cat(scores)
+    total_active = sum(int(fm.sum()) for fm in old)
+    n_drop = min(_count(fraction, total_active), int(torch.isfinite(droppable).sum()))
+    if n_drop == 0:
+        return {n: m.clone() for n, m in masks.items()}
+    cat = torch.cat(old)
+    cat[torch.topk(-droppable, n_drop, sorted=False).indices] = False
+    new = list(torch.split(cat, [fm.numel() for fm in old]))
+    survivors = [int(fm.sum()) for fm in new]
+    # Free positions exclude the dropped ones (they were active before the update).
+    free = [fm.numel() - int(fm.sum()) for fm in old]
+    alloc = _allocate(n_drop, survivors, free)
+    out = {}
+    for i, n in enumerate(names):
+        if alloc[i] > 0:
+            g = torch.where(old[i], -_INF, random_score(n, masks[n]).flatten().float())
+            new[i][torch.topk(g, alloc[i], sorted=False).indices] = True
+        out[n] = new[i].view_as(masks[n])
+    return out
+
+
+def _allocate(total: int, weights: list[int], caps: list[int]) -> list[int]:
+    """Split ``total`` proportionally to ``weights`` (largest remainders), ``<= caps``.
+
+    What a capped layer cannot take is split again among the others. The caps always
+    suffice: the layers' free positions add up to at least ``total``.
+    """
+    alloc = [0] * len(weights)
+    left = total
+    open_ = [i for i in range(len(weights)) if caps[i] > 0]
+    while left > 0 and open_:
+        wsum = sum(weights[i] for i in open_)
+        share = {i: left * (weights[i] / wsum if wsum else 1 / len(open_)) for i in open_}
+        give = {i: min(caps[i] - alloc[i], math.floor(share[i])) for i in open_}
+        rest = left - sum(give.values())
+        for i in sorted(open_, key=lambda i: share[i] - math.floor(share[i]), reverse=True):
+            if rest == 0:
+                break
+            if alloc[i] + give[i] < caps[i]:
+                give[i] += 1
+                rest -= 1
+        for i in open_:
+            alloc[i] += give[i]
+        left -= sum(give.values())
+        open_ = [i for i in open_ if alloc[i] < caps[i]]
+    if left:
+        raise AssertionError(f"could not place {left} regrown weights")
+    return alloc
+
+
+def uniform_scores(generator: torch.Generator) -> ScoreFn:
+    """Random grow scores from the dedicated CPU generator (same stream on every device)."""
+
+    def score(_: str, m: Tensor) -> Tensor:
+        return torch.rand(m.shape, generator=generator).to(m.device)
+
+    return score
