@@ -1,0 +1,317 @@
+"""Offline validation of everything under cluster/: launcher configs, manifests, README commands.
+
+No network and no cluster: Ray's own cluster-config validation, kubernetes-validate (plus
+the project's KubeRay schema) and the zosam CLI parser, on the files as committed. Each
+validator also gets a deliberately broken copy, which must be rejected naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from zosam.cluster_checks import (
+    ClusterConfigError,
+    check_multi_node_settings,
+    validate_k8s_manifests,
+    validate_ray_cluster_config,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+RAY_CONFIGS = sorted(CLUSTER.glob("*.yaml"))
+K8S_MANIFESTS = sorted((CLUSTER / "kuberay").glob("*.yaml"))
+README = CLUSTER / "README.md"
+REQUIRED_ENV = ("MLFLOW_TRACKING_URI", "ZOSAM_STORAGE_PATH", "ZOSAM_DATA_DIR")
+
+
+def _ids(paths: list[Path]) -> list[str]:
+    return [str(p.relative_to(ROOT)) for p in paths]
+
+
+def _pyproject_pins() -> list[str]:
+    """Every ``name==version`` requirement of pyproject.toml (extras kept, quotes off)."""
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    return [d for d in deps if "==" in d]
+
+
+def _load(path: Path) -> list[Any]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def test_all_cluster_files_are_covered() -> None:
+    """The parametrisations below see every config: two launcher configs, four manifests."""
+    assert [p.name for p in RAY_CONFIGS] == ["aws.yaml", "gcp.yaml"]
+    assert [p.name for p in K8S_MANIFESTS] == [
+        "common.yaml", "mlflow.yaml", "raycluster.yaml", "rayjob.yaml"
+    ]
+
+
+# ----------------------------------------------------------------- Ray cluster launcher
+
+
+@pytest.mark.parametrize("path", RAY_CONFIGS, ids=_ids(RAY_CONFIGS))
+def test_ray_cluster_config_is_valid_and_laid_out(path: Path) -> None:
+    config = validate_ray_cluster_config(path)
+    types = config["available_node_types"]
+    assert types[config["head_node_type"]]["resources"]["GPU"] == 0
+    # 8-GPU nodes for DeiT, 1-GPU nodes for CIFAR; GPU nodes only on demand.
+    assert types["gpu_8x"]["resources"]["GPU"] == 8
+    assert types["gpu_1x"]["resources"]["GPU"] == 1
+    assert types["gpu_8x"]["min_workers"] == 0 == types["gpu_1x"]["min_workers"]
+    # The environment file reaches `ray start` on head and workers alike.
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        assert ". ~/zosam.env" in " ".join(config[key]), key
+    assert config["file_mounts"]["~/zosam.env"] == "./cluster/zosam.env"
+
+
+@pytest.mark.parametrize("path", RAY_CONFIGS, ids=_ids(RAY_CONFIGS))
+def test_ray_cluster_setup_pins_pyproject_versions(path: Path) -> None:
+    """Nodes install what the README installs: every pin of pyproject.toml, then the project."""
+    setup = " ".join(_load(path)[0]["setup_commands"])
+    for pin in _pyproject_pins():
+        assert pin in setup, f"{path.name}: setup_commands lack {pin}"
+    assert "pip install -e ~/zosam" in setup
+
+
+def test_dockerfile_pins_pyproject_versions() -> None:
+    text = (CLUSTER / "Dockerfile").read_text()
+    for pin in _pyproject_pins():
+        assert pin in text, f"cluster/Dockerfile lacks {pin}"
+
+
+def test_images_match_the_pinned_ray_version() -> None:
+    """Every Ray image is rayproject/ray:<pinned ray>-py311-<platform>; no ray-ml (ended 2.49)."""
+    ray_pin = next(p for p in _pyproject_pins() if p.startswith("ray["))
+    version = ray_pin.split("==")[1]
+    images = []
+    for path in [*RAY_CONFIGS, *K8S_MANIFESTS, CLUSTER / "Dockerfile", README]:
+        text = path.read_text()
+        assert "rayproject/ray-ml:" not in text, path.name
+        images += re.findall(r"rayproject/ray:[\w.\-]+", text)
+    assert images
+    for image in images:
+        assert re.fullmatch(rf"rayproject/ray:{re.escape(version)}-py311-(cpu|cu\d+|gpu)", image)
+    rayversions = {_load(p)[0]["spec"].get("rayVersion") for p in K8S_MANIFESTS
+                   if p.name == "raycluster.yaml"}
+    assert rayversions == {version}
+
+
+def test_environment_variables_are_the_same_everywhere() -> None:
+    example = dict(
+        line.split("=", 1) for line in (CLUSTER / "zosam.env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    configmap = next(d for d in _load(CLUSTER / "kuberay" / "common.yaml")
+                     if d["kind"] == "ConfigMap")["data"]
+    for name in REQUIRED_ENV:
+        assert name in example and name in configmap, name
+    # Same variable names on both targets (auth is launcher-only, see README).
+    assert set(example) - {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} == set(configmap)
+    assert configmap["MLFLOW_TRACKING_URI"].startswith("http://")
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda c: c["available_node_types"]["gpu_1x"].update(min_worker=1), "gpu_1x"),
+        (lambda c: c["docker"].update(imagee="x"), "imagee"),
+        (lambda c: c["available_node_types"]["gpu_8x"]["resources"].update(GPU=-8), "GPU"),
+        (lambda c: c.update(head_node_type="nope"), "head_node_type"),
+    ],
+    ids=["misspelt-key", "unknown-docker-key", "negative-gpus", "missing-head-type"],
+)
+def test_broken_ray_cluster_config_is_rejected(tmp_path: Path, mutate, field: str) -> None:
+    config = _load(CLUSTER / "aws.yaml")[0]
+    mutate(config)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(yaml.safe_dump(config))
+    with pytest.raises(ClusterConfigError, match=re.escape(field)):
+        validate_ray_cluster_config(broken)
+
+
+# ----------------------------------------------------------------- Kubernetes / KubeRay
+
+
+@pytest.mark.parametrize("path", K8S_MANIFESTS, ids=_ids(K8S_MANIFESTS))
+def test_k8s_manifests_are_valid(path: Path) -> None:
+    checked = validate_k8s_manifests(path)
+    expected = {
+        "common.yaml": ["ConfigMap/zosam-env", "PersistentVolumeClaim/zosam-data",
+                        "ServiceAccount/zosam-ray"],
+        "mlflow.yaml": ["Deployment/mlflow", "Service/mlflow"],
+        "raycluster.yaml": ["RayCluster/zosam"],
+        "rayjob.yaml": ["RayJob/zosam-imagenet-deit"],
+    }
+    assert checked == expected[path.name]
+
+
+def test_rayjob_runs_the_deit_sweep_on_the_raycluster_spec() -> None:
+    cluster = _load(CLUSTER / "kuberay" / "raycluster.yaml")[0]
+    job = _load(CLUSTER / "kuberay" / "rayjob.yaml")[0]
+    assert job["spec"]["entrypoint"] == "zosam sweep tune/imagenet_deit.yaml --address auto"
+    assert job["spec"]["rayClusterSpec"] == cluster["spec"]
+
+
+def test_gpu_worker_groups_request_gpus() -> None:
+    spec = _load(CLUSTER / "kuberay" / "raycluster.yaml")[0]["spec"]
+    gpus = {
+        g["groupName"]: g["template"]["spec"]["containers"][0]["resources"]["limits"][
+            "nvidia.com/gpu"]
+        for g in spec["workerGroupSpecs"]
+    }
+    assert gpus == {"gpu-8x": "8", "gpu-1x": "1"}
+    head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]
+    assert "nvidia.com/gpu" not in head["limits"]
+
+
+def test_mlflow_server_uses_database_and_object_store() -> None:
+    deployment = _load(CLUSTER / "kuberay" / "mlflow.yaml")[0]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"]}
+    assert env == {"MLFLOW_BACKEND_STORE_URI": "backend-store-uri",
+                   "MLFLOW_ARTIFACTS_DESTINATION": "artifacts-destination"}
+    command = " ".join(container["args"])
+    assert '--backend-store-uri "$MLFLOW_BACKEND_STORE_URI"' in command
+    assert "mlflow==" + next(p for p in _pyproject_pins() if p.startswith("mlflow==")).split(
+        "==")[1] in command
+
+
+def _mutate_k8s(path: str, mutate) -> str:
+    docs = _load(CLUSTER / "kuberay" / path)
+    mutate(docs)
+    return yaml.safe_dump_all(docs)
+
+
+@pytest.mark.parametrize(
+    ("path", "mutate", "field"),
+    [
+        # A typo inside a KubeRay pod template: kubernetes-validate (strict) catches it.
+        ("raycluster.yaml",
+         lambda d: d[0]["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+         .update(imagePullPolicyy="Always"),
+         "spec.workerGroupSpecs[0].template.spec.containers[0]"),
+        # rayStartParams values must be strings (our KubeRay schema).
+        ("raycluster.yaml",
+         lambda d: d[0]["spec"]["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}),
+         "spec.headGroupSpec.rayStartParams.num-cpus"),
+        ("rayjob.yaml", lambda d: d[0]["spec"].update(entrypont="x"), "entrypont"),
+        ("rayjob.yaml",
+         lambda d: d[0]["spec"]["rayClusterSpec"]["workerGroupSpecs"][1].update(minReplicas=9),
+         "spec.rayClusterSpec.workerGroupSpecs[1]"),
+        ("raycluster.yaml",
+         lambda d: d[0]["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0][
+             "resources"]["limits"].update({"nvidia.com/gpu": "4"}),
+         "nvidia.com/gpu"),
+        ("mlflow.yaml", lambda d: d[1]["spec"]["ports"][0].update(port="5000"),
+         "spec.ports[0].port"),
+    ],
+    ids=["pod-template-typo", "raystartparams-int", "rayjob-typo", "replicas-order",
+         "gpu-request-ne-limit", "service-port-type"],
+)
+def test_broken_k8s_manifest_is_rejected(tmp_path: Path, path: str, mutate, field: str) -> None:
+    broken = tmp_path / path
+    broken.write_text(_mutate_k8s(path, mutate))
+    with pytest.raises(ClusterConfigError, match=re.escape(field)):
+        validate_k8s_manifests(broken)
+
+
+# ----------------------------------------------------------------- README commands
+
+
+def _readme_commands() -> list[list[str]]:
+    """Shell commands of the README's ``sh`` blocks, as argv lists, split at && ; |."""
+    text = README.read_text()
+    commands: list[list[str]] = []
+    for block in re.findall(r"```sh\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            argv: list[str] = []
+            for token in shlex.split(line, comments=True):
+                if token in ("&&", "||", ";", "|"):
+                    commands.append(argv)
+                    argv = []
+                else:
+                    argv.append(token)
+            commands.append(argv)
+    return [c for c in commands if c]
+
+
+def _zosam_commands() -> list[list[str]]:
+    """Every ``zosam ...`` the README runs, directly or after ``ray job submit ... --``."""
+    found = []
+    for argv in _readme_commands():
+        if argv[:3] == ["ray", "job", "submit"]:
+            argv = argv[argv.index("--") + 1:]
+        if argv and argv[0] == "zosam":
+            found.append(argv)
+    rayjob = _load(CLUSTER / "kuberay" / "rayjob.yaml")[0]
+    found.append(shlex.split(rayjob["spec"]["entrypoint"]))
+    return [list(a) for a in dict.fromkeys(map(tuple, found))]  # unique, in order
+
+
+def test_readme_has_the_commands_it_promises() -> None:
+    argvs = [" ".join(a) for a in _readme_commands()]
+    for expected in ("ray up -y cluster/aws.yaml", "ray down -y cluster/aws.yaml",
+                     "kubectl apply -n zosam -f cluster/kuberay/rayjob.yaml",
+                     "zosam sweep tune/imagenet_deit.yaml --address auto"):
+        assert any(expected in a for a in argvs), expected
+    assert any(a[:3] == ["ray", "job", "logs"] for a in _readme_commands())
+
+
+def test_readme_ray_job_submit_commands_are_well_formed() -> None:
+    submits = [a for a in _readme_commands() if a[:3] == ["ray", "job", "submit"]]
+    assert len(submits) >= 4
+    for argv in submits:
+        options = argv[:argv.index("--")]
+        assert options[options.index("--working-dir") + 1] == "."
+        runtime_env = json.loads(options[options.index("--runtime-env-json") + 1])
+        assert ".venv" in runtime_env["excludes"]
+
+
+@pytest.mark.parametrize("argv", _zosam_commands(), ids=lambda a: " ".join(a))
+def test_readme_zosam_commands_parse(argv: list[str]) -> None:
+    from zosam.cli import build_parser
+
+    try:
+        build_parser().parse_args(argv[1:])
+    except SystemExit as err:  # argparse reports errors by exiting
+        pytest.fail(f"`{' '.join(argv)}` does not parse (exit {err.code})")
+
+
+def test_readme_spec_files_exist() -> None:
+    """The sweep specs and run configs the README names are in the repository."""
+    paths = {tok for argv in _zosam_commands() for tok in argv
+             if re.fullmatch(r"(tune|configs)/[\w./-]+\.yaml", tok)}
+    assert "tune/imagenet_deit.yaml" in paths
+    missing = sorted(p for p in paths if not (ROOT / p).is_file())
+    assert not missing, f"named in cluster/README.md but missing: {missing}"
+
+
+# ----------------------------------------------------------------- multi-node settings
+
+
+@pytest.mark.parametrize(
+    ("uri", "storage", "nodes", "error"),
+    [
+        ("http://mlflow:5000", "s3://b/zosam", 4, None),
+        ("https://mlflow.example.org", "gs://b/zosam", 2, None),
+        ("sqlite:///mlflow.db", "/tmp/ray", 1, None),  # one node: local is fine
+        ("sqlite:///mlflow.db", "s3://b/zosam", 2, "MLFLOW_TRACKING_URI='sqlite:///mlflow.db'"),
+        ("/home/me/mlruns", "s3://b/zosam", 3, "MLFLOW_TRACKING_URI"),
+        ("http://mlflow:5000", "/home/ray/results", 2, "ZOSAM_STORAGE_PATH='/home/ray/results'"),
+        ("http://mlflow:5000", "/mnt/data/ray", 2, None),
+    ],
+)
+def test_check_multi_node_settings(uri: str, storage: str, nodes: int, error: str | None) -> None:
+    if error is None:
+        check_multi_node_settings(uri, storage, nodes)
+    else:
+        with pytest.raises(ValueError, match=re.escape(error)):
+            check_multi_node_settings(uri, storage, nodes)
