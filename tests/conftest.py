@@ -1,0 +1,38 @@
+"""Shared fixtures: small real data (never the whole CIFAR archive, never a download)."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from zosam.data.config import default_archive
+
+PER_CLASS = 20  # images per class and split in the small JPEG archive
+
+
+@pytest.fixture(scope="session")
+def cifar_jpeg_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tar.gz with the layout of the CIFAR-10 JPEG archive and 20 real images per class
+    and split (400 in all), copied from the real archive (``default_archive()``)."""
+    src = Path(default_archive())
+    out = tmp_path_factory.mktemp("cifar_jpeg") / "cifar10-jpeg-small.tar.gz"
+    with tarfile.open(src, "r:gz") as tin, tarfile.open(out, "w:gz") as tout:
+        for m in tin:
+            parts = m.name.strip("./").split("/")
+            if m.isfile() and len(parts) == 3 and int(parts[2].split(".")[0]) < PER_CLASS:
+                data = tin.extractfile(m).read()
+                info = tarfile.TarInfo(m.name)
+                info.size = len(data)
+                tout.addfile(info, io.BytesIO(data))
+    return out
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    """An empty cache directory for decoded arrays (isolated from ~/.cache/zosam)."""
+    d = tmp_path / "cache"
+    d.mkdir()
+    return d
