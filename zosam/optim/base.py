@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from zosam.validate import in_range
+from zosam.validate import choice, in_range
 
 Closure = Callable[..., Tensor]
 
@@ -43,7 +43,7 @@ def apply_masks(masks: Mapping[Tensor, Tensor]) -> None:
 
 def make_closure(
     model: nn.Module,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    loss_fn: Callable[..., Tensor],
     inputs: Tensor,
     targets: Tensor,
     *,
@@ -51,20 +51,42 @@ def make_closure(
 ) -> Closure:
     """Build the standard closure for :meth:`PerturbationOptimizer.step`.
 
-    ``closure(fraction=1.0)`` runs ``loss_fn(model(x), y)`` on the first
-    ``ceil(fraction * B)`` samples of the batch (the batch is already shuffled, so a prefix
-    is a random subset) and returns the loss. It never calls backward. ``autocast``, if
-    given (e.g. ``torch.autocast("cuda", dtype=torch.float16)``), wraps the forward pass.
+    ``closure(fraction=1.0, *, indices=None, reduction="mean")`` runs
+    ``loss_fn(model(x), y)`` and returns the loss; it never calls backward.
+
+    - ``fraction < 1``: only the first ``ceil(fraction * B)`` samples (the batch is
+      already shuffled, so a prefix is a random subset).
+    - ``indices``: only the samples ``inputs[indices]`` (ESAM's data selection); not
+      combinable with ``fraction < 1``.
+    - ``reduction="none"``: per-sample losses (a length-n tensor) from
+      ``loss_fn(out, y, reduction="none")``, so ``loss_fn`` must accept ``reduction=``
+      as ``F.cross_entropy`` does; ``"mean"`` calls ``loss_fn(out, y)`` unchanged.
+
+    ``autocast``, if given (e.g. ``torch.autocast("cuda", dtype=torch.float16)``), wraps
+    the forward pass.
     """
 
-    def closure(fraction: float = 1.0) -> Tensor:
-        n = inputs.shape[0] if fraction >= 1.0 else max(1, math.ceil(fraction * inputs.shape[0]))
+    def closure(fraction: float = 1.0, *, indices: Tensor | None = None, reduction: str = "mean") -> Tensor:
+        choice("reduction", reduction, ("mean", "none"))
+        if indices is not None:
+            if fraction < 1.0:
+                raise ValueError("closure: pass either fraction < 1 or indices, not both")
+            x, y = inputs[indices], targets[indices]
+        else:
+            n = inputs.shape[0] if fraction >= 1.0 else max(1, math.ceil(fraction * inputs.shape[0]))
+            x, y = inputs[:n], targets[:n]
+        kwargs = {} if reduction == "mean" else {"reduction": reduction}
         if autocast is None:
-            return loss_fn(model(inputs[:n]), targets[:n])
+            return loss_fn(model(x), y, **kwargs)
         with autocast:
-            return loss_fn(model(inputs[:n]), targets[:n])
+            return loss_fn(model(x), y, **kwargs)
 
     return closure
+
+
+def _accepts(fn: Callable[..., Any], keyword: str) -> bool:
+    params = inspect.signature(fn).parameters
+    return keyword in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 class PerturbationOptimizer(torch.optim.Optimizer):
@@ -171,22 +193,35 @@ class PerturbationOptimizer(torch.optim.Optimizer):
                 if p.requires_grad:
                     yield p
 
-    def _forward(self, closure: Closure, *, grad: bool, fraction: float = 1.0) -> Tensor:
-        """Run the closure (on a ``fraction`` of the batch) and count the pass."""
+    def _forward(self, closure: Closure, *, grad: bool, fraction: float = 1.0, **kwargs: Any) -> Tensor:
+        """Run the closure (on a ``fraction`` of the batch) and count the pass.
+
+        ``kwargs`` (``indices=``, ``reduction=``) are passed on to the closure.
+        """
+        if fraction < 1.0:
+            kwargs["fraction"] = fraction
         with torch.enable_grad() if grad else torch.no_grad():
-            loss = closure() if fraction >= 1.0 else closure(fraction=fraction)
+            loss = closure(**kwargs)
         self._counts["forward" if grad else "forward_no_grad"] += 1
         return loss
 
     @staticmethod
-    def _check_closure(closure: Closure | None, fraction: float = 1.0) -> Closure:
+    def _check_closure(
+        closure: Closure | None, fraction: float = 1.0, *, keywords: tuple[str, ...] = (), why: str = ""
+    ) -> Closure:
+        """Check that a closure is given and accepts ``fraction=`` (if ``fraction < 1``)
+        and every name in ``keywords`` (``why`` says which setting needs them)."""
         if closure is None:
             raise ValueError("step(closure) requires a closure that returns the mini-batch loss")
-        if fraction < 1.0 and "fraction" not in inspect.signature(closure).parameters:
+        if fraction < 1.0 and not _accepts(closure, "fraction"):
             raise ValueError(
                 "query_fraction < 1 needs a closure that accepts `fraction=` "
                 "(see zosam.optim.make_closure)"
             )
+        missing = [k for k in keywords if not _accepts(closure, k)]
+        if missing:
+            names = " and ".join(f"`{k}=`" for k in missing)
+            raise ValueError(f"{why} needs a closure that accepts {names} (see zosam.optim.make_closure)")
         return closure
 
     @contextmanager

@@ -23,7 +23,7 @@ is never touched, and a resumed run draws the same directions as an uninterrupte
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -50,7 +50,47 @@ def derive_seed(*values: int) -> int:
     return h & ((1 << 63) - 1)
 
 
-class ZOSAM(PerturbationOptimizer):
+class SeededStreams(PerturbationOptimizer):
+    """Shared machinery (no ``__init__``, no ``step``): random tensors shaped like the
+    parameters, regenerated from a seed one parameter tensor at a time.
+
+    One dedicated ``torch.Generator`` per device is re-seeded per stream, so two streams
+    with the same seed yield the same tensors (no d-sized buffer has to be kept between
+    uses) and the global RNG is never touched. Seeds come from
+    ``derive_seed(seed, step, i)``, so a resumed run draws what an uninterrupted one would.
+    Used by ZO-SAM and RWP (Gaussian directions) and ESAM (Bernoulli weight masks).
+    """
+
+    _generators: dict[torch.device, torch.Generator]
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if not hasattr(self, "_generators"):  # created lazily: the class has no __init__
+            self._generators = {}
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device)
+        return self._generators[device]
+
+    def _stream(self, seed: int, draw: Callable[[Tensor, torch.Generator], Tensor]) -> Iterator[Tensor]:
+        """Yield ``draw(p, generator)`` for each parameter ``p``, masked to active weights."""
+        seeded: set[torch.device] = set()
+        for p in self._params():
+            gen = self._generator(p.device)
+            if p.device not in seeded:
+                gen.manual_seed(seed)
+                seeded.add(p.device)
+            yield self._masked(p, draw(p, gen))
+
+    def _directions(self, seed: int, scale: float = 1.0) -> Iterator[Tensor]:
+        """Yield ``scale * u``, ``u ~ N(0, I)``, one parameter tensor at a time, masked."""
+
+        def gaussian(p: Tensor, gen: torch.Generator) -> Tensor:
+            u = torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
+            return u.mul_(scale) if scale != 1.0 else u
+
+        return self._stream(seed, gaussian)
+
+
+class ZOSAM(SeededStreams):
     """Zeroth-order SAM: one backward pass per step.
 
     Example::
@@ -117,32 +157,9 @@ class ZOSAM(PerturbationOptimizer):
         self.rho, self.mu, self.q = rho, mu, q
         self.difference, self.directions = difference, directions
         self.query_fraction, self.seed = query_fraction, seed
-        self._generators: dict[torch.device, torch.Generator] = {}
         self._scales: dict[int, float] = {}  # per-query direction scale of the current step
 
     # -- directions --------------------------------------------------------------------------
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device)
-        return self._generators[device]
-
-    def _directions(self, seed: int, scale: float = 1.0) -> Iterator[Tensor]:
-        """Yield ``scale * u`` one parameter tensor at a time, masked to active weights.
-
-        One generator per device is re-seeded per call, so a second call with the same
-        seed yields the same tensors (that is how the queries and ``g_hat`` agree).
-        """
-        seeded: set[torch.device] = set()
-        for p in self._params():
-            gen = self._generator(p.device)
-            if p.device not in seeded:
-                gen.manual_seed(seed)
-                seeded.add(p.device)
-            u = torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
-            if scale != 1.0:
-                u.mul_(scale)
-            yield self._masked(p, u)
-
     def _scale(self, seed: int) -> float:
         """1 for Gaussian directions; sqrt(d) / ||z|| to put a sphere direction at radius sqrt(d)."""
         if self.directions == "gaussian":
