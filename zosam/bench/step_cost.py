@@ -1,0 +1,210 @@
+"""Step cost of SGD, SAM, ZO-SAM (and the peers) side by side in one process.
+
+For each method: median seconds per step (warm-up first, then rounds interleaved across
+methods so that machine noise hits all alike), the ratio to SGD, passes per step, and
+peak memory. A single no-grad forward pass is timed too (at full and query batch size),
+so ZO-SAM's cost can be checked against its budget: ``SGD step + n_no_grad * forward``.
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` around one step; on the CPU
+the peak growth of the resident set size during one step (sampled every 0.5 ms) in a
+fresh subprocess that built the model and the batch and ran one warm-up step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from zosam.bench import emit
+from zosam.models import create_model
+from zosam.optim import OPTIMIZERS, PerturbationOptimizer, make_closure
+
+DEFAULT_METHODS = [
+    "sgd", "sam", "zosam:q=1", "zosam:q=2", "zosam:q=4",
+    "zosam:q=1,query_fraction=0.25", "zosam:q=2,query_fraction=0.25",
+]
+PEERS = ["esam", "looksam", "gsam", "rwp"]
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"zosam:q=2,query_fraction=0.25"`` -> ``("zosam", {"q": 2, "query_fraction": 0.25})``."""
+    name, _, rest = spec.partition(":")
+    kwargs = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"method {spec!r}: expected key=value, got {item!r}")
+        kwargs[key.strip()] = yaml.safe_load(value)
+    OPTIMIZERS.get(name)  # unknown names fail here, listing the allowed ones
+    return name, kwargs
+
+
+def _setup(args: argparse.Namespace, spec: str, device: torch.device):
+    name, kwargs = parse_method(spec)
+    model = create_model(args.model, num_classes=10, **({"width": args.width} if args.width else {})).to(device)
+    model.train()
+    opt: PerturbationOptimizer = OPTIMIZERS.get(name)(
+        model.parameters(), torch.optim.SGD, model=model, lr=0.01, momentum=0.9, **kwargs)
+    g = torch.Generator().manual_seed(0)
+    size = args.image_size
+    x = torch.randn(args.batch_size, 3, size, size, generator=g).to(device)
+    y = torch.randint(0, 10, (args.batch_size,), generator=g).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16) \
+        if args.amp else None
+    scaler = torch.amp.GradScaler(device.type) if args.amp and device.type == "cuda" else None
+    return model, opt, make_closure(model, F.cross_entropy, x, y, autocast=autocast), scaler, x
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_step(opt, closure, scaler, device) -> float:
+    _sync(device)
+    t = time.perf_counter()
+    opt.step(closure, scaler=scaler)
+    if scaler is not None:
+        scaler.update()
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def _timed_forward(model, x, device) -> float:
+    _sync(device)
+    t = time.perf_counter()
+    with torch.no_grad():
+        model(x)
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def _memory_child(args: argparse.Namespace, spec: str) -> None:
+    """Run in a subprocess: print the peak-RSS growth (MiB) of two steps of one method."""
+    device = torch.device(args.device)
+    _, opt, closure, scaler, _ = _setup(args, spec, device)
+    if device.type == "cuda":
+        opt.step(closure, scaler=scaler)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        opt.step(closure, scaler=scaler)
+        print(json.dumps({"peak_mib": (torch.cuda.max_memory_allocated(device) - base) / 2**20}))
+        return
+    opt.step(closure, scaler=scaler)  # allocate optimizer state and warm up the allocator
+    print(json.dumps({"peak_mib": _peak_rss_growth(lambda: opt.step(closure, scaler=scaler)) / 2**20}))
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _peak_rss_growth(fn) -> int:
+    """Peak resident set size during ``fn()`` minus the size before it, sampled every 0.5 ms."""
+    base, peak, done = _rss(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.0005)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        t.join()
+    return max(peak[0], _rss()) - base
+
+
+def _peak_memory(argv: Sequence[str], spec: str) -> float:
+    # glibc returns large blocks to the OS at once with a fixed mmap threshold, so the
+    # resident set tracks live tensor memory instead of the allocator's retained heap.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    out = subprocess.run([sys.executable, "-m", "zosam.bench.step_cost", *argv, "--memory-child", spec],
+                         check=True, capture_output=True, text=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zosam bench step-cost", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="resnet32")
+    p.add_argument("--width", type=int, default=None, help="CIFAR ResNet width (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="method specs like sgd sam zosam:q=2,query_fraction=0.25 (default: SGD, SAM, "
+                        "ZO-SAM q=1,2,4 x fraction 1, 0.25, and the peers that are registered)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--amp", action="store_true", help="autocast (bf16 on CPU, fp16 + GradScaler on CUDA)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--mlflow", default=None, metavar="URI", help="also log to this MLflow tracking URI")
+    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.memory_child:
+        _memory_child(args, args.memory_child)
+        return None
+    methods = args.methods or DEFAULT_METHODS + [p for p in PEERS if p in OPTIMIZERS]
+    if "sgd" not in methods:
+        methods = ["sgd", *methods]
+    device = torch.device(args.device)
+    setups = {m: _setup(args, m, device) for m in methods}
+    fractions = sorted({parse_method(m)[1].get("query_fraction", 1.0) for m in methods})
+    fwd_inputs = {f: setups["sgd"][4][: max(1, math.ceil(f * args.batch_size))] for f in fractions}
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    fwd_times: dict[float, list[float]] = {f: [] for f in fractions}
+    for r in range(args.warmup + args.rounds):
+        for m, (_, opt, closure, scaler, _) in setups.items():
+            dt = _timed_step(opt, closure, scaler, device)
+            if r >= args.warmup:
+                times[m].append(dt)
+        for f, x in fwd_inputs.items():
+            dt = _timed_forward(setups["sgd"][0], x, device)
+            if r >= args.warmup:
+                fwd_times[f].append(dt)
+    steps = args.warmup + args.rounds
+    fwd = {f: statistics.median(v) for f, v in fwd_times.items()}
+    sgd = statistics.median(times["sgd"])
+    rows = []
+    for m in methods:
+        _, opt, *_ = setups[m]
+        counts = {k: v / steps for k, v in opt.pass_counts.items()}
+        med = statistics.median(times[m])
+        f = parse_method(m)[1].get("query_fraction", 1.0)
+        budget = sgd + counts["forward_no_grad"] * fwd[f]
+        row = {"method": m, "step_s": med, "vs_sgd": med / sgd, "fwd": counts["forward"],
+               "fwd_no_grad": counts["forward_no_grad"], "bwd": counts["backward"],
+               "vs_budget": med / budget}
+        if not args.no_memory:
+            row["peak_mib"] = _peak_memory(argv, m)
+        rows.append(row)
+    summary = {"model": args.model, "batch_size": args.batch_size, "device": args.device, "amp": args.amp,
+               "rounds": args.rounds, "sgd_step_s": sgd,
+               **{f"forward_no_grad_s@{f:g}": t for f, t in fwd.items()}}
+    return emit("step_cost", rows, summary, mlflow_uri=args.mlflow)
+
+
+if __name__ == "__main__":
+    main()
