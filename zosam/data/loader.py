@@ -48,16 +48,17 @@ def crop_flip(images: Tensor, oy: Tensor, ox: Tensor, flip: Tensor, pad: int) ->
         flip: (B,) bool.
         pad: padding in pixels.
     """
-    b, _, h, w = images.shape
-    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    b, c, h, w = images.shape
+    pw = w + 2 * pad
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad)).reshape(b, c, -1)
     dev = images.device
     rows = oy.to(dev)[:, None] + torch.arange(h, device=dev)  # (B, H)
-    cols_fwd = torch.arange(w, device=dev)
-    cols = ox.to(dev)[:, None] + torch.where(flip.to(dev)[:, None], w - 1 - cols_fwd, cols_fwd)
-    bidx = torch.arange(b, device=dev)[:, None, None]
-    # Advanced indices on dims 0, 2, 3 separated by a slice: result is (B, H, W, C).
-    out = padded[bidx, :, rows[:, :, None], cols[:, None, :]]
-    return out.permute(0, 3, 1, 2).contiguous()
+    fwd = torch.arange(w, device=dev)
+    cols = ox.to(dev)[:, None] + torch.where(flip.to(dev)[:, None], w - 1 - fwd, fwd)  # (B, W)
+    # Flat index into the padded (H + 2 pad) x (W + 2 pad) plane; one gather for all
+    # channels (about 3x faster on the CPU than advanced indexing).
+    flat = (rows[:, :, None] * pw + cols[:, None, :]).reshape(b, 1, h * w).expand(b, c, h * w)
+    return torch.gather(padded, 2, flat).reshape(b, c, h, w)
 
 
 class BatchLoader:
@@ -150,10 +151,7 @@ class BatchLoader:
             # One row (oy, ox, flip) per position of the epoch, drawn before sharding and
             # padding so that it does not depend on world_size (see module docstring).
             offs = torch.randint(0, 2 * self.pad + 1, (n, 2), generator=gen)
-            if self.hflip:
-                flips = torch.randint(0, 2, (n, 1), generator=gen)
-            else:
-                flips = torch.zeros(n, 1, dtype=torch.long)
+            flips = torch.randint(0, 2 if self.hflip else 1, (n, 1), generator=gen)
             params = torch.cat([offs, flips], 1)
         if total > n:  # wrap around so every rank has the same number of samples
             order = torch.cat([order, order[: total - n]])
