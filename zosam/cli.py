@@ -1,0 +1,119 @@
+"""The ``zosam`` command line: ``train``, ``sweep``, ``compare``, ``bench``.
+
+Heavy modules (torch, ray, mlflow) are imported inside the commands, so ``zosam --help``
+and argument errors are instant. Bad input exits with status 2 and a one-line message
+naming the field; a diverged run exits with status 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+BENCHMARKS = {
+    "step-cost": "zosam.bench.step_cost",
+    "sparse": "zosam.bench.sparse_overhead",
+    "data": "zosam.bench.data_speed",
+    "accuracy": "zosam.bench.accuracy",
+    "robustness": "zosam.bench.robustness",
+    "convergence": "zosam.bench.convergence",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zosam", description="ZO-SAM sparse training, sweeps and comparisons.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="run one training from a YAML run config")
+    t.add_argument("--config", "-c", default=None, help="run config YAML (configs/*.yaml)")
+    t.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. optimizer.rho=0.1")
+    t.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    t.add_argument("--checkpoint-dir", default=None, help="default: checkpoint.dir or runs/<name>")
+    t.add_argument("--tracking-uri", default=None, help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite)")
+    t.add_argument("--workers", type=int, default=0,
+                   help="Ray Train workers (DDP); 0 runs in this process (default)")
+    t.add_argument("--use-gpu", action="store_true", help="with --workers: one GPU per worker")
+    t.add_argument("--address", default=None, help="with --workers: Ray address (default: a local Ray)")
+
+    s = sub.add_parser("sweep", help="run a Ray Tune + Optuna sweep from a spec in tune/")
+    s.add_argument("spec", help="sweep spec YAML (tune/*.yaml)")
+    s.add_argument("--address", default=None, help="Ray address ('auto' or host:port); default: a local Ray")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    s.add_argument("--tracking-uri", default=None, help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite)")
+    s.add_argument("--storage-path", default=None, help="Ray results root (default: spec or ./ray_results)")
+    s.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray (default: spec)")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec field, e.g. --set num_trials=4 (repeatable)")
+
+    c = sub.add_parser("compare", help="compare MLflow runs grouped over seeds; tables and plots")
+    c.add_argument("--experiment", default=None, help="experiment name (default: all)")
+    c.add_argument("--sweep", default=None, help="a sweep's name or parent run id")
+    c.add_argument("--filter", default=None, help="an MLflow filter string, e.g. \"tags.`zosam.host` = 'rigl'\"")
+    c.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="select by tag (repeatable)")
+    c.add_argument("--tracking-uri", default=None)
+    c.add_argument("--out", default=None, help="folder for CSV, Markdown and PNG exports")
+    c.add_argument("--no-log", action="store_true", help="do not log a comparison run to MLflow")
+
+    b = sub.add_parser("bench", help="run a benchmark (prints a table and one JSON line)")
+    b.add_argument("name", choices=sorted(BENCHMARKS))
+    b.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own arguments (see --help)")
+    return p
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from zosam.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.workers < 0:
+        raise ValueError(f"--workers={args.workers} is invalid; must be an integer >= 0")
+    if args.workers > 0:
+        from zosam.ray_train import train_distributed
+
+        outcome = train_distributed(cfg, num_workers=args.workers, use_gpu=args.use_gpu, address=args.address,
+                                    tracking_uri=args.tracking_uri, resume=args.resume,
+                                    checkpoint_dir=args.checkpoint_dir)
+    else:
+        from zosam.runner import run
+
+        outcome = run(cfg, resume=args.resume, checkpoint_dir=args.checkpoint_dir, tracking_uri=args.tracking_uri)
+    return 0 if outcome.status == "finished" else 3
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from zosam.sweep import run_sweep
+
+    result = run_sweep(args.spec, address=args.address, resume=args.resume, tracking_uri=args.tracking_uri,
+                       storage_path=args.storage_path, num_cpus=args.num_cpus, overrides=args.overrides)
+    return 0 if result.completed else 1
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from zosam.compare import compare_main
+
+    return compare_main(args)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    module = importlib.import_module(BENCHMARKS[args.name])
+    module.main(args.args)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"train": _cmd_train, "sweep": _cmd_sweep, "compare": _cmd_compare, "bench": _cmd_bench}
+    try:
+        return handler[args.command](args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"zosam {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"zosam {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""The run config: one typed, validated object per run, loaded from YAML plus overrides.
+
+A run config is data (``configs/*.yaml``)::
+
+    name: digits-zosam
+    seed: 0
+    epochs: 5
+    data: {name: digits, batch_size: 64}
+    model: {name: tiny_cnn}
+    optimizer: {name: zosam, base: sgd, lr: 0.05, momentum: 0.9, rho: 0.05, mu: 1e-3, q: 1}
+    sparse: {method: rigl, density: 0.1, update_interval: 20}
+
+Every section rejects unknown keys and every value is checked before any data is loaded,
+with errors that name the dotted field (``optimizer.rho=0 is invalid; ...``).
+Optimizer hyperparameters are the keyword arguments of the chosen optimizer class and of
+its base optimizer, so the peers' own hyperparameters need no extra config code.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from zosam.data import DataConfig
+from zosam.sparse import SparsityConfig
+from zosam.validate import choice, in_range
+
+_AMP = ("off", "bf16", "fp16")
+_DEVICES = ("auto", "cpu", "cuda")
+_WRAPPER_ARGS = {"self", "params", "base_optimizer", "model", "max_grad_norm", "base_kwargs", "kwargs"}
+
+
+def _prefixed(prefix: str, fn, *args, **kwargs):
+    """Run a validator and put ``prefix.`` in front of the field its error names."""
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as e:
+        msg = str(e)
+        done = msg.startswith((prefix + ".", "unknown key"))
+        raise ValueError(msg if done else f"{prefix}.{msg}") from None
+
+
+def _check_keys(section: str, d: dict[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        where = f"{section}." if section else ""
+        raise ValueError(f"unknown key {where}{unknown[0]}; allowed: {', '.join(sorted(allowed))}")
+
+
+@dataclass
+class ModelConfig:
+    """``name`` from ``zosam.models.MODELS``; other keys are the constructor's kwargs."""
+
+    name: str = "resnet32"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        from zosam.models import MODELS
+
+        d = dict(d)
+        name = d.pop("name", cls.name)
+        _prefixed("model", choice, "name", name, MODELS.names())
+        params = inspect.signature(MODELS.get(name)).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            _check_keys("model", d, set(params) - {"num_classes"})
+        return cls(name, d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **self.kwargs}
+
+
+@dataclass
+class OptimizerConfig:
+    """The optimizer (``OPTIMIZERS``), its base (``BASE_OPTIMIZERS``) and all hyperparameters.
+
+    ``hyper`` holds the keyword arguments of both classes (``lr``, ``momentum``, ``rho``,
+    ``mu``, ``q``, ...). They are validated by building the optimizer on a dummy tensor.
+    """
+
+    name: str = "sgd"
+    base: str = "sgd"
+    max_grad_norm: float | None = None
+    hyper: dict[str, Any] = field(default_factory=lambda: {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4})
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> OptimizerConfig:
+        from zosam.optim import BASE_OPTIMIZERS, OPTIMIZERS
+
+        d = dict(d)
+        name, base = d.pop("name", cls.name), d.pop("base", cls.base)
+        max_grad_norm = d.pop("max_grad_norm", None)
+        _prefixed("optimizer", choice, "name", name, OPTIMIZERS.names())
+        _prefixed("optimizer", choice, "base", base, BASE_OPTIMIZERS.names())
+        own = set(inspect.signature(OPTIMIZERS.get(name)).parameters) - _WRAPPER_ARGS
+        base_args = set(inspect.signature(BASE_OPTIMIZERS.get(base)).parameters) - {"self", "params"}
+        _check_keys("optimizer", d, own | base_args | {"name", "base", "max_grad_norm"})
+        hyper = {"lr": 0.1, **({"momentum": 0.9} if base == "sgd" else {}), "weight_decay": 5e-4, **d}
+        cfg = cls(name, base, max_grad_norm, hyper)
+        cfg.build(torch.nn.Linear(1, 1), model=None)  # validates every value, cheaply
+        return cfg
+
+    def build(self, params_from: torch.nn.Module, *, model: torch.nn.Module | None,
+              default_seed: int | None = None):
+        """The optimizer over ``params_from``'s parameters; ``model`` freezes its BatchNorm.
+
+        Optimizers with a ``seed`` argument (ZO-SAM's directions, ...) get ``default_seed``
+        (the run's seed) unless the config sets their own.
+        """
+        from zosam.optim import BASE_OPTIMIZERS, OPTIMIZERS
+
+        cls = OPTIMIZERS.get(self.name)
+        hyper = dict(self.hyper)
+        if default_seed is not None and "seed" in inspect.signature(cls).parameters:
+            hyper.setdefault("seed", default_seed)
+        return _prefixed("optimizer", cls, params_from.parameters(), BASE_OPTIMIZERS.get(self.base),
+                         model=model, max_grad_norm=self.max_grad_norm, **hyper)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"name": self.name, "base": self.base, **self.hyper}
+        if self.max_grad_norm is not None:
+            out["max_grad_norm"] = self.max_grad_norm
+        return out
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning rate: linear warm-up for ``warmup_epochs``, then cosine decay to ``min_lr``."""
+
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ScheduleConfig:
+        c = cls(**d)
+        in_range("warmup_epochs", c.warmup_epochs, 0)
+        in_range("min_lr", c.min_lr, 0)
+        return c
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class CheckpointConfig:
+    """``dir``: where checkpoints go (default ``runs/<name>``); ``every``: epochs between them."""
+
+    dir: str | None = None
+    every: int = 1
+    keep: int = 2
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CheckpointConfig:
+        c = cls(**d)
+        in_range("every", c.every, 1, integer=True)
+        in_range("keep", c.keep, 1, integer=True)
+        return c
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation: test set every ``every`` epochs (and always after the last one).
+
+    ``corruptions``: a CIFAR-10-C directory (official or generated) evaluated at the end;
+    ``corruption_subset``: images per corruption and severity (``None``: all);
+    ``diagnostics_steps``: for the first N steps, the cosine between ZO-SAM's estimate and
+    the true gradient and the sharpness gap L(w + e) - L(w) (extra passes, not counted).
+    """
+
+    every: int = 1
+    corruptions: str | None = None
+    corruption_subset: int | None = None
+    diagnostics_steps: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EvalConfig:
+        c = cls(**d)
+        in_range("every", c.every, 1, integer=True)
+        in_range("diagnostics_steps", c.diagnostics_steps, 0, integer=True)
+        if c.corruption_subset is not None:
+            in_range("corruption_subset", c.corruption_subset, 1, integer=True)
+        return c
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow: ``uri`` (default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlflow.db``)."""
+
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str = "zosam"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrackingConfig:
+        c = cls(**d)
+        choice("enabled", c.enabled, (True, False))
+        return c
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {
+    "data": DataConfig, "model": ModelConfig, "optimizer": OptimizerConfig, "sparse": SparsityConfig,
+    "schedule": ScheduleConfig, "checkpoint": CheckpointConfig, "eval": EvalConfig, "tracking": TrackingConfig,
+}
+
+
+@dataclass
+class RunConfig:
+    """One training run. See the module docstring for the YAML layout."""
+
+    name: str = "run"
+    seed: int = 0
+    epochs: int = 10
+    device: str = "auto"
+    amp: str = "off"
+    label_smoothing: float = 0.0
+    max_steps_per_epoch: int | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    sparse: SparsityConfig = field(default_factory=SparsityConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        d = copy.deepcopy(dict(d))
+        top = {f.name for f in dataclasses.fields(cls)}
+        _check_keys("", d, top)
+        for key, value in d.items():
+            if key in _SECTIONS and value is not None and not isinstance(value, dict):
+                raise ValueError(f"{key} must be a mapping, got {type(value).__name__}")
+        sections = {k: _section(k, d.pop(k, None)) for k in _SECTIONS}
+        cfg = cls(**d, **sections)
+        in_range("seed", cfg.seed, 0, integer=True)
+        in_range("epochs", cfg.epochs, 1, integer=True)
+        choice("device", cfg.device, _DEVICES)
+        choice("amp", cfg.amp, _AMP)
+        in_range("label_smoothing", cfg.label_smoothing, 0, 1, high_open=True)
+        if cfg.max_steps_per_epoch is not None:
+            in_range("max_steps_per_epoch", cfg.max_steps_per_epoch, 1, integer=True)
+        if not isinstance(cfg.name, str) or not cfg.name:
+            raise ValueError(f"name={cfg.name!r} is invalid; must be a non-empty string")
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.to_dict() if hasattr(v, "to_dict") else v
+        return out
+
+
+def _section(name: str, d: dict[str, Any] | None):
+    """Build one section; plain dataclass sections reject keys that are not their fields."""
+    cls, d = _SECTIONS[name], dict(d or {})
+    if cls not in (ModelConfig, OptimizerConfig):  # these two check against constructor signatures
+        _check_keys(name, d, {f.name for f in dataclasses.fields(cls)})
+    return _prefixed(name, cls.from_dict, d)
+
+
+def parse_value(text: str) -> Any:
+    """Command-line override values are YAML scalars: ``0.05``, ``true``, ``null``, ``[1, 2]``."""
+    return yaml.safe_load(text)
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a nested dict (missing sections are created)."""
+    d = copy.deepcopy(d)
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"override {item!r} is invalid; expected key.path=value")
+        node = d
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {p} is not a section")
+        node[leaf] = parse_value(value)
+    return d
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (or start from the defaults) and apply overrides."""
+    d: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {str(p)!r} does not exist")
+        d = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(d, dict):
+            raise ValueError(f"{p}: a run config must be a mapping")
+    return RunConfig.from_dict(apply_overrides(d, overrides or []))

@@ -1,0 +1,395 @@
+"""The training loop: one validated ``RunConfig`` in, one logged and resumable run out.
+
+The same :class:`Trainer` runs in a plain process (``zosam train``) and inside a Ray Train
+worker (``zosam.ray_train``): when ``torch.distributed`` is initialised it wraps the model
+in DDP, shards the data by rank and lets rank 0 alone write checkpoints and MLflow.
+
+Order of work in a step: closure -> ``optimizer.step`` (all passes, one update, masks
+re-applied) -> divergence check -> ``masking.step`` (dynamic hosts drop/grow on their
+schedule, with the dense gradients of this step) -> LR scheduler.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from zosam.config import RunConfig
+from zosam.data import load_dataset, make_loaders
+from zosam.models import create_model
+from zosam.optim import make_closure
+from zosam.sparse import Masking
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class Diverged(RuntimeError):
+    """A non-finite training loss: the run stops with status ``failed`` and this reason."""
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    train_loss: float
+    train_acc: float
+    test_loss: float | None
+    test_acc: float | None
+    lr: float
+    epoch_time_s: float
+    images: int
+    diagnostics: dict[str, float] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, float]:
+        out = {"train_loss": self.train_loss, "train_acc": self.train_acc, "lr": self.lr,
+               "epoch_time_s": self.epoch_time_s, **self.diagnostics}
+        if self.test_acc is not None:
+            out.update(test_loss=self.test_loss, test_acc=self.test_acc)
+        return out
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available (the local rank's GPU under DDP), else the CPU."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("device='cuda' is invalid here: no CUDA device is available; allowed: auto, cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _dist() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def cosine_warmup(total_steps: int, warmup_steps: int, base_lr: float, min_lr: float) -> Callable[[int], float]:
+    """LR multiplier at step s: linear warm-up, then cosine from ``base_lr`` to ``min_lr``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        lr = min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+        return lr / base_lr
+
+    return factor
+
+
+class Trainer:
+    """Builds data, model, masks, optimizer and schedule from a config and trains.
+
+    Args:
+        config: the run config (already validated).
+        checkpoint_dir: where checkpoints are written (rank 0); ``None`` disables them.
+        on_epoch: called after every epoch with ``(EpochResult, checkpoint_path | None)``
+            on every rank (Ray Train reports from there).
+        log: a line printer (progress and summary); ``None`` is silent.
+    """
+
+    def __init__(self, config: RunConfig, *, checkpoint_dir: str | Path | None = None,
+                 on_epoch: Callable[[EpochResult, Path | None], None] | None = None,
+                 log: Callable[[str], None] | None = print) -> None:
+        self.cfg = config
+        self.rank, self.world_size = _dist()
+        self.device = resolve_device(config.device)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.on_epoch = on_epoch
+        self.log = log if self.rank == 0 else None
+        self.history: list[EpochResult] = []
+        self.start_epoch = 0
+        self.global_step = 0
+        self.train_time_s = 0.0
+        self.images_seen = 0
+        self.extra_state: dict[str, Any] = {}  # e.g. the MLflow run id, kept in checkpoints
+        self._build()
+
+    # -- construction ---------------------------------------------------------------------
+    def _build(self) -> None:
+        cfg = self.cfg
+        self.data = load_dataset(cfg.data)
+        self.train_loader, self.test_loader = make_loaders(
+            self.data, cfg.data, seed=cfg.seed, rank=self.rank, world_size=self.world_size, device=self.device)
+        self.steps_per_epoch = len(self.train_loader)
+        if cfg.max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        # Model init draws from a forked global RNG seeded by the config: the run is
+        # reproducible and the caller's RNG state is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self.model = create_model(cfg.model.name, num_classes=self.data.num_classes,
+                                      **cfg.model.kwargs).to(self.device)
+        self.masking = Masking(self.model, cfg.sparse, self.total_steps, generator_seed=cfg.seed,
+                               input_shape=self.data.input_shape)
+        self.net: nn.Module = self.model
+        if self.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.optimizer = cfg.optimizer.build(self.model, model=self.model, default_seed=cfg.seed)
+        base_lr = self.optimizer.param_groups[0]["lr"]
+        warmup = round(cfg.schedule.warmup_epochs * self.steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, cosine_warmup(self.total_steps, warmup, base_lr, cfg.schedule.min_lr))
+        self.autocast = None
+        self.scaler = None
+        if cfg.amp != "off":
+            dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+            self.autocast = torch.autocast(self.device.type, dtype=dtype)
+            if cfg.amp == "fp16":
+                self.scaler = torch.amp.GradScaler(self.device.type)
+        self.loss_fn = _loss(cfg.label_smoothing)
+
+    def init_masks(self) -> None:
+        """Prune at init / draw the dynamic host's start (consumes training batches)."""
+        if self.cfg.sparse.is_dense:
+            return
+        self.train_loader.set_epoch(0)
+        self.masking.init_masks(iter(self.train_loader), self.loss_fn)
+        self.masking.attach(self.optimizer)
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def state_dict(self, epoch: int) -> dict[str, Any]:
+        return {
+            "epoch": epoch,
+            "global_step": self.global_step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "masking": self.masking.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "torch_rng": torch.get_rng_state(),
+            "history": [vars(h) for h in self.history],
+            "train_time_s": self.train_time_s,
+            "images_seen": self.images_seen,
+            "extra": self.extra_state,
+            "config": self.cfg.to_dict(),
+        }
+
+    def save_checkpoint(self, epoch: int) -> Path | None:
+        """Write ``checkpoint.pt`` atomically (rank 0); returns its path."""
+        if self.checkpoint_dir is None or self.rank != 0:
+            return None
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        path = self.checkpoint_dir / CHECKPOINT_FILE
+        tmp = path.with_suffix(".tmp")
+        torch.save(self.state_dict(epoch), tmp)
+        tmp.replace(path)  # a run killed while saving keeps the previous checkpoint
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Resume from a checkpoint: the run continues exactly as if never interrupted."""
+        ckpt = torch.load(path, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(ckpt["model"])
+        self.masking.load_state_dict(ckpt["masking"])
+        self.masking.attach(self.optimizer)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.scaler and ckpt["scaler"]:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["torch_rng"].cpu())
+        self.start_epoch = ckpt["epoch"] + 1
+        self.global_step = ckpt["global_step"]
+        self.history = [EpochResult(**h) for h in ckpt["history"]]
+        self.train_time_s = ckpt["train_time_s"]
+        self.images_seen = ckpt["images_seen"]
+        self.extra_state = dict(ckpt["extra"])
+
+    # -- the loop -----------------------------------------------------------------------------
+    def _closure(self, x: Tensor, y: Tensor, stats: dict[str, float]):
+        """The optimizer's closure; it records accuracy of the full-batch gradient pass."""
+        base = make_closure(self.net, self.loss_fn, x, y, autocast=self.autocast)
+
+        def closure(fraction: float = 1.0, **kw: Any) -> Tensor:
+            if fraction < 1.0 or kw or not torch.is_grad_enabled():
+                return base(fraction, **kw)
+            out = self._forward_logits(x)
+            stats["correct"] = float((out.argmax(1) == y).sum())
+            return self.loss_fn(out, y)
+
+        return closure
+
+    def _forward_logits(self, x: Tensor) -> Tensor:
+        if self.autocast is None:
+            return self.net(x)
+        with self.autocast:
+            return self.net(x)
+
+    def train_epoch(self, epoch: int) -> EpochResult:
+        self.net.train()
+        self.train_loader.set_epoch(epoch)
+        t0 = time.perf_counter()
+        loss_sum, correct, seen = 0.0, 0.0, 0
+        diags: dict[str, list[float]] = {}
+        for i, (x, y) in enumerate(self.train_loader):
+            if i >= self.steps_per_epoch:
+                break
+            if self.global_step < self.cfg.eval.diagnostics_steps:
+                for k, v in self.diagnostics(x, y).items():
+                    diags.setdefault(k, []).append(v)
+            stats: dict[str, float] = {}
+            loss = self.optimizer.step(self._closure(x, y, stats), scaler=self.scaler)
+            if self.scaler is not None:
+                self.scaler.update()
+            value = float(loss)
+            if not math.isfinite(value):
+                raise Diverged(f"non-finite training loss ({value}) at epoch {epoch}, step {self.global_step}")
+            self.masking.step(self.global_step)
+            self.scheduler.step()
+            self.global_step += 1
+            loss_sum += value * len(y)
+            correct += stats.get("correct", 0.0)
+            seen += len(y)
+            if self.log and _tty() and i % 10 == 0:
+                rate = seen * self.world_size / (time.perf_counter() - t0)
+                self.log(f"\r  epoch {epoch + 1}/{self.cfg.epochs}  step {i + 1}/{self.steps_per_epoch}  "
+                         f"loss {loss_sum / seen:.4f}  acc {correct / seen:.3f}  {rate:.0f} img/s")
+        totals = self._all_reduce([loss_sum, correct, float(seen)])
+        elapsed = time.perf_counter() - t0
+        self.train_time_s += elapsed
+        self.images_seen += int(totals[2])
+        return EpochResult(epoch=epoch, train_loss=totals[0] / totals[2], train_acc=totals[1] / totals[2],
+                           test_loss=None, test_acc=None, lr=self.optimizer.param_groups[0]["lr"],
+                           epoch_time_s=elapsed, images=int(totals[2]),
+                           diagnostics={k: sum(v) / len(v) for k, v in diags.items()})
+
+    @torch.no_grad()
+    def evaluate(self, loader=None) -> tuple[float, float]:
+        """(mean loss, accuracy) over a loader (default: the test split), summed over ranks."""
+        self.net.eval()
+        loss_sum, correct, n = 0.0, 0.0, 0
+        for x, y in loader or self.test_loader:
+            out = self._forward_logits(x).float()
+            loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
+            correct += float((out.argmax(1) == y).sum())
+            n += len(y)
+        totals = self._all_reduce([loss_sum, correct, float(n)])
+        return totals[0] / max(totals[2], 1), totals[1] / max(totals[2], 1)
+
+    def _all_reduce(self, values: list[float]) -> list[float]:
+        if self.world_size == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def diagnostics(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        """Cosine(ZO estimate, true gradient) and the sharpness gap L(w + e) - L(w).
+
+        Extra passes outside the optimizer's accounting; weights and BN statistics are
+        left as they were. Only optimizers with ``estimate_gradient`` (ZO-SAM) report them.
+        """
+        opt = self.optimizer
+        if not hasattr(opt, "estimate_gradient"):
+            return {}
+        closure = make_closure(self.net, self.loss_fn, x, y, autocast=self.autocast)
+        g_hat = opt.estimate_gradient(closure)
+        if g_hat is None:
+            return {}
+        params = list(opt._params())
+        with opt._frozen_batchnorm():
+            loss0 = closure()
+            grads = torch.autograd.grad(loss0, params, allow_unused=True)
+        dot = sum(float((a * b).sum()) for a, b in zip(g_hat, grads, strict=True) if b is not None)
+        na = math.sqrt(sum(float(a.pow(2).sum()) for a in g_hat))
+        nb = math.sqrt(sum(float(b.pow(2).sum()) for b in grads if b is not None))
+        saved = [p.detach().clone() for p in params]
+        with torch.no_grad(), opt._frozen_batchnorm():
+            for p, g in zip(params, g_hat, strict=True):
+                p.add_(g, alpha=opt.rho / na)
+            loss_e = float(closure())
+            for p, s in zip(params, saved, strict=True):
+                p.copy_(s)
+        return {"diag_cosine": dot / (na * nb + 1e-30), "diag_sharpness_gap": loss_e - float(loss0.detach())}
+
+    def fit(self) -> dict[str, Any]:
+        """Train from ``start_epoch`` to the end; returns the summary (see ``summary``)."""
+        t_start = time.perf_counter()
+        for epoch in range(self.start_epoch, self.cfg.epochs):
+            res = self.train_epoch(epoch)
+            last = epoch == self.cfg.epochs - 1
+            if last or (epoch + 1) % self.cfg.eval.every == 0:
+                res.test_loss, res.test_acc = self.evaluate()
+            self.history.append(res)
+            path = None
+            if last or (epoch + 1) % self.cfg.checkpoint.every == 0:
+                path = self.save_checkpoint(epoch)
+            if self.log:
+                test = f"  test_acc {res.test_acc:.4f}" if res.test_acc is not None else ""
+                self.log(f"\repoch {epoch + 1}/{self.cfg.epochs}  loss {res.train_loss:.4f}  "
+                         f"train_acc {res.train_acc:.4f}{test}  {res.images / res.epoch_time_s:.0f} img/s  "
+                         f"({res.epoch_time_s:.1f} s)")
+            if self.on_epoch:
+                self.on_epoch(res, path)
+        return self.summary(time.perf_counter() - t_start)
+
+    def summary(self, wall_time_s: float) -> dict[str, Any]:
+        evaluated = [h for h in self.history if h.test_acc is not None]
+        best = max(evaluated, key=lambda h: h.test_acc) if evaluated else None
+        report = self.masking.report() if not self.cfg.sparse.is_dense else {}
+        counts = self.optimizer.pass_counts
+        out: dict[str, Any] = {
+            "final_test_acc": self.history[-1].test_acc if self.history else None,
+            "final_test_loss": self.history[-1].test_loss if self.history else None,
+            "best_test_acc": best.test_acc if best else None,
+            "best_epoch": best.epoch + 1 if best else None,
+            "realised_density": report.get("global_density", 1.0),
+            "active_flops": report.get("active_flops") or _dense_flops(self),
+            "wall_time_s": wall_time_s,
+            "train_time_s": self.train_time_s,
+            "images_per_s": self.images_seen / self.train_time_s if self.train_time_s else 0.0,
+            "passes_forward": counts["forward"],
+            "passes_forward_no_grad": counts["forward_no_grad"],
+            "passes_backward": counts["backward"],
+            "skipped_perturbations": self.optimizer.skipped_perturbations,
+            "steps": self.global_step,
+        }
+        return out
+
+    def evaluate_corruptions(self) -> dict[str, float]:
+        """Accuracy per corruption and severity on ``eval.corruptions``, and their mean."""
+        from zosam.data import BatchLoader, CorruptionSet
+
+        cs = CorruptionSet.open(self.cfg.eval.corruptions)
+        out: dict[str, float] = {}
+        for c in cs.corruptions:
+            for s in cs.severities:
+                split = cs.load(c, s)
+                images, labels = split.images, split.labels
+                n = self.cfg.eval.corruption_subset
+                if n:
+                    images, labels = images[:n], labels[:n]
+                loader = BatchLoader(images, labels, self.cfg.data.eval_batch_size, train=False, augment=False,
+                                     mean=self.data.mean, std=self.data.std, seed=0, rank=self.rank,
+                                     world_size=self.world_size, device=self.device)
+                out[f"corrupt_acc.{c}.{s}"] = self.evaluate(loader)[1]
+        out["corrupt_acc_mean"] = sum(out.values()) / len(out)
+        out["corrupt_set_generated"] = float(cs.generated)
+        return out
+
+
+def _dense_flops(trainer: Trainer) -> int:
+    from zosam.sparse import count_flops
+
+    return count_flops(trainer.model, trainer.data.input_shape)
+
+
+def _loss(label_smoothing: float) -> Callable[..., Tensor]:
+    def loss_fn(out: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
+        return F.cross_entropy(out.float(), y, label_smoothing=label_smoothing, reduction=reduction)
+
+    return loss_fn
+
+
+def _tty() -> bool:
+    import sys
+
+    return sys.stderr.isatty()

@@ -1,0 +1,168 @@
+"""MLflow logging with explicit run ids (no global active run, no ``MLFLOW_RUN_ID`` surprises).
+
+Everything goes through one ``MlflowClient`` and the run id it created, so a trial inside
+Ray, a resumed run and a child of a sweep's parent run all log to exactly the run they
+mean. Names of tags, params and metrics: ``docs/design.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+STATUS_TAG, REASON_TAG = "zosam.status", "zosam.failure_reason"
+
+
+def default_tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI``, else a sqlite store ``mlflow.db`` in the working directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def is_local_uri(uri: str) -> bool:
+    """True for stores that only this machine can reach (sqlite, file paths)."""
+    return uri.startswith(("sqlite:", "file:", "/", ".")) or "://" not in uri
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"optimizer": {"rho": 0.05}}`` -> ``{"optimizer.rho": "0.05"}`` (MLflow params are strings)."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = str(v)[:6000]
+    return out
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """The experiment's id, creating it if needed.
+
+    A sqlite store gets an absolute artifact location beside the database, so artifacts
+    land in the same place whatever the working directory (Ray trials change it).
+    """
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+    try:
+        return c.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another process: use theirs
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+class RunLogger:
+    """One MLflow run, addressed by id.
+
+    Args:
+        uri: tracking URI.
+        experiment: experiment name (created if missing).
+        run_name: display name.
+        tags: tags set at creation.
+        parent_run_id: makes this a child run (sweeps).
+        run_id: continue an existing run (resume) instead of creating one.
+    """
+
+    def __init__(self, uri: str, experiment: str, run_name: str, *, tags: Mapping[str, str] | None = None,
+                 parent_run_id: str | None = None, run_id: str | None = None) -> None:
+        self.uri = uri
+        self.client = client(uri)
+        if run_id is not None:
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            all_tags = {"mlflow.runName": run_name, **(tags or {})}
+            if parent_run_id:
+                all_tags["mlflow.parentRunId"] = parent_run_id
+            run = self.client.create_run(ensure_experiment(uri, experiment), run_name=run_name,
+                                         tags={k: str(v) for k, v in all_tags.items()})
+            self.run_id = run.info.run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(self.run_id).data.params
+        new = [Param(k, str(v)) for k, v in params.items() if k not in existing]
+        for i in range(0, len(new), 100):  # MLflow's batch limit
+            self.client.log_batch(self.run_id, params=new[i:i + 100])
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        batch = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()
+                 if isinstance(v, int | float) and not isinstance(v, bool)]
+        for i in range(0, len(batch), 500):
+            self.client.log_batch(self.run_id, metrics=batch[i:i + 500])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_file(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dict(self, d: Mapping[str, Any], artifact_file: str) -> None:
+        self.log_text(yaml.safe_dump(dict(d), sort_keys=False), artifact_file)
+
+    def log_figure(self, fig, artifact_file: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(artifact_file).name
+            fig.savefig(path, dpi=100, bbox_inches="tight")
+            self.log_file(path, str(Path(artifact_file).parent) if "/" in artifact_file else None)
+
+    def end(self, status: str, reason: str | None = None) -> None:
+        """``status``: ``finished``, ``stopped_early`` or ``failed`` (MLflow: FINISHED/KILLED/FAILED)."""
+        tags = {STATUS_TAG: status}
+        if reason:
+            tags[REASON_TAG] = reason[:5000]
+        self.set_tags(tags)
+        mlflow_status = {"finished": "FINISHED", "stopped_early": "KILLED", "failed": "FAILED"}[status]
+        self.client.set_terminated(self.run_id, status=mlflow_status)
+
+
+def learning_curve_figure(history: list[dict[str, Any]], title: str = ""):
+    """Train/test loss and accuracy per epoch, as a matplotlib figure (Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] + 1 for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.4))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train")
+    ax_acc.plot(epochs, [h["train_acc"] for h in history], label="train")
+    ev = [h for h in history if h.get("test_acc") is not None]
+    if ev:
+        ax_loss.plot([h["epoch"] + 1 for h in ev], [h["test_loss"] for h in ev], "o-", label="test")
+        ax_acc.plot([h["epoch"] + 1 for h in ev], [h["test_acc"] for h in ev], "o-", label="test")
+    for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
