@@ -72,11 +72,19 @@ def topk_mask(score: Tensor, k: int) -> Tensor:
     return flat.view_as(score)
 
 
-def global_topk_masks(scores: Mapping[str, Tensor], k: int) -> dict[str, Tensor]:
-    """Masks keeping the ``k`` largest scores over all layers together."""
+def global_topk_masks(
+    scores: Mapping[str, Tensor], k: int, *, keep_one_per_layer: bool = False
+) -> dict[str, Tensor]:
+    """Masks keeping the ``k`` largest scores over all layers together.
+
+    With ``keep_one_per_layer`` (and ``k`` >= the number of layers) each layer's best
+    score is kept first, so no layer is emptied; the total stays exactly ``k``.
+    """
     names = list(scores)
-    flat = torch.cat([scores[n].flatten().float() for n in names])
-    keep = topk_mask(flat, k)
+    flats = [scores[n].flatten() for n in names]
+    if keep_one_per_layer and k >= len(names):
+        flats = [f.clone().index_fill_(0, f.argmax().view(1), float("inf")) for f in flats]
+    keep = topk_mask(torch.cat(flats), k)
     out, start = {}, 0
     for n in names:
         size = scores[n].numel()

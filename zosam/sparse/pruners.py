@@ -3,6 +3,9 @@
 Each pruner in ``PRUNERS`` maps a :class:`PruneContext` to boolean masks. Scores are
 "higher = more important"; :meth:`PruneContext.select` keeps either each layer's target
 count (the distribution's layer densities) or the global top-k (``global_threshold``).
+A global threshold still keeps every layer's best weight, so no layer is emptied (at 98 %
+sparsity global SynFlow would otherwise empty a ResNet-32 1x1 shortcut: the residual
+branch's two convs carry far more flow).
 
 - ``random``: uniform scores from the context's generator.
 - ``magnitude``: ``|w|``.
@@ -76,7 +79,7 @@ class PruneContext:
         if self.config.global_threshold:
             numel = sum(s.numel() for s in scores.values())
             k = self.total if power == 1.0 else _scaled(self.total, numel, power)
-            return global_topk_masks(scores, k)
+            return global_topk_masks(scores, k, keep_one_per_layer=True)
         return {
             n: topk_mask(
                 s, self.counts[n] if power == 1.0 else _scaled(self.counts[n], s.numel(), power)
