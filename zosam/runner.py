@@ -63,7 +63,7 @@ def run(
     tracking_uri: str | None = None,
     parent_run_id: str | None = None,
     extra_tags: Mapping[str, str] | None = None,
-    on_epoch: Callable[[EpochResult, Path | None, RunLogger | None], None] | None = None,
+    on_epoch: Callable[[Trainer, EpochResult, Path | None, RunLogger | None], None] | None = None,
     log: Callable[[str], None] | None = print,
     resume_from: str | Path | None = None,
 ) -> RunOutcome:
@@ -75,8 +75,8 @@ def run(
         resume_from: an explicit checkpoint file to continue from (Ray Train restores).
         tracking_uri: MLflow URI (default: ``cfg.tracking.uri`` or ``default_tracking_uri()``).
         parent_run_id, extra_tags: for sweeps (child runs).
-        on_epoch: called after every epoch with the result, the checkpoint written (if any)
-            and the MLflow logger (rank 0; ``None`` elsewhere).
+        on_epoch: called after every epoch with the trainer, the epoch's result, the
+            checkpoint written (if any) and the MLflow logger (rank 0; ``None`` elsewhere).
     """
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else checkpoint_dir_for(cfg)
     trainer = Trainer(cfg, checkpoint_dir=ckpt_dir, log=log)
@@ -101,7 +101,7 @@ def run(
         if logger is not None:
             logger.log_metrics(res.metrics(), step=res.epoch + 1)
         if on_epoch is not None:
-            on_epoch(res, path, logger)
+            on_epoch(trainer, res, path, logger)
 
     trainer.on_epoch = epoch_hook
     try:

@@ -1,0 +1,173 @@
+"""The training loop of ``zosam train`` as a Ray Train worker loop, and the local Ray it needs.
+
+``run_in_session`` runs :func:`zosam.runner.run` inside any Ray session that has a
+``report(metrics, checkpoint=...)`` and a ``get_checkpoint()``: a Ray Train worker
+(``ray.train``) or a Tune function trial (``ray.tune``). Rank 0 writes the checkpoint
+and reports it; every rank reports metrics (Train V2 synchronises reports across ranks).
+On a restore (worker failure with ``FailureConfig(max_failures=...)``, or a resumed
+sweep) the run continues from the last reported checkpoint, in the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from zosam.config import RunConfig
+from zosam.engine import CHECKPOINT_FILE, EpochResult
+
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+class TrialFailed(RuntimeError):
+    """A run that ended with status ``failed`` (e.g. diverged); Tune marks the trial ERROR."""
+
+
+def start_local_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+    """Start an isolated local Ray bound to loopback, with its dashboard.
+
+    The dashboard (``ray[default]``) must run: Ray Train's cleanup of a worker group whose
+    Tune trial was stopped early goes through the state API it serves (stack.md, "the
+    early-stopping trap").
+    """
+    import ray
+
+    os.environ.setdefault(LOOPBACK_ENV, "0")  # every Ray listener on 127.0.0.1
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True,
+             dashboard_host="127.0.0.1", log_to_driver=False, configure_logging=False)
+
+
+def connect_or_start(address: str | None, num_cpus: int | None = None) -> bool:
+    """Connect to ``address`` (``auto`` or ``host:port``) or start a local Ray; True if started here."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return False
+    start_local_ray(num_cpus)
+    return True
+
+
+def epoch_metrics(res: EpochResult, cost: dict[str, Any]) -> dict[str, Any]:
+    """What every report carries: the epoch's metrics plus the cumulative cost so far."""
+    out = {k: v for k, v in res.metrics().items() if v is not None}
+    out.update(epoch=res.epoch + 1, **cost)
+    return out
+
+
+def run_in_session(run_dict: dict[str, Any], *, report: Callable[..., None], get_checkpoint: Callable[[], Any],
+                   checkpoint_cls: Any, rank: int, tracking_uri: str | None, parent_run_id: str | None = None,
+                   extra_tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run one config inside a Ray session; returns the summary. Raises ``TrialFailed`` on failure."""
+    from zosam.runner import run
+
+    cfg = RunConfig.from_dict(run_dict)
+    if pid_dir := os.environ.get("ZOSAM_PID_DIR"):  # lets fault-tolerance tests find the worker
+        Path(pid_dir).mkdir(parents=True, exist_ok=True)
+        (Path(pid_dir) / f"rank{rank}.pid").write_text(str(os.getpid()))
+    restored = get_checkpoint()
+    with tempfile.TemporaryDirectory(prefix="zosam-ckpt-") as local, \
+            (restored.as_directory() if restored else _null()) as restored_dir:
+        resume_from = Path(restored_dir) / CHECKPOINT_FILE if restored_dir else None
+
+        def on_epoch(trainer, res: EpochResult, path: Path | None, logger) -> None:
+            metrics = epoch_metrics(res, cumulative_cost(trainer))
+            if logger is not None:
+                metrics["mlflow_run_id"] = logger.run_id
+            ckpt = checkpoint_cls.from_directory(str(path.parent)) if (rank == 0 and path) else None
+            report(metrics, checkpoint=ckpt)
+
+        outcome = run(cfg, checkpoint_dir=local, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
+                      extra_tags=extra_tags, on_epoch=on_epoch, resume_from=resume_from,
+                      log=print if rank == 0 else None)
+    if outcome.status != "finished":
+        raise TrialFailed(outcome.reason or "failed")
+    return outcome.summary
+
+
+def cumulative_cost(t) -> dict[str, Any]:
+    """Training cost so far (for multi-objective sweeps: accuracy vs. cost)."""
+    counts = t.optimizer.pass_counts
+    return {"train_time_s": t.train_time_s, "images_per_s": t.images_seen / max(t.train_time_s, 1e-9),
+            "passes_backward": counts["backward"], "passes_forward_no_grad": counts["forward_no_grad"],
+            "steps": t.global_step}
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The Ray Train worker loop (``TorchTrainer``): DDP over gloo (CPU) or NCCL (GPU)."""
+    import ray.train
+
+    run_in_session(config["run"], report=ray.train.report, get_checkpoint=ray.train.get_checkpoint,
+                   checkpoint_cls=ray.train.Checkpoint, rank=ray.train.get_context().get_world_rank(),
+                   tracking_uri=config.get("tracking_uri"), parent_run_id=config.get("parent_run_id"),
+                   extra_tags=config.get("extra_tags"))
+
+
+def make_trainer(run_dict: dict[str, Any], *, num_workers: int, use_gpu: bool, cpus_per_worker: float = 1.0,
+                 name: str, storage_path: str, max_failures: int = 0, tracking_uri: str | None = None,
+                 parent_run_id: str | None = None, extra_tags: dict[str, str] | None = None,
+                 callbacks: list | None = None):
+    """A ``TorchTrainer`` running :func:`train_loop_per_worker` on ``num_workers`` workers.
+
+    A run with the same ``name`` and ``storage_path`` resumes from its last checkpoint
+    (Ray Train V2 restores its checkpoint manager from storage).
+    """
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"run": run_dict, "tracking_uri": tracking_uri, "parent_run_id": parent_run_id,
+                           "extra_tags": extra_tags},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": cpus_per_worker,
+                                                                     **({"GPU": 1} if use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_path, callbacks=callbacks or [],
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+    )
+
+
+def train_distributed(cfg: RunConfig, *, num_workers: int, use_gpu: bool = False, address: str | None = None,
+                      tracking_uri: str | None = None, resume: bool = False, checkpoint_dir: str | None = None,
+                      max_failures: int = 2):
+    """``zosam train --workers N``: the same run on N Ray Train workers (DDP)."""
+    import ray
+
+    from zosam.runner import RunOutcome
+    from zosam.tracking import default_tracking_uri
+
+    storage = str(Path(checkpoint_dir or Path("runs") / cfg.name / "ray").resolve())
+    started = connect_or_start(address, num_cpus=max(2, num_workers + 1))
+    try:
+        trainer = make_trainer(cfg.to_dict(), num_workers=num_workers, use_gpu=use_gpu, name=cfg.name,
+                               storage_path=storage, max_failures=max_failures,
+                               tracking_uri=tracking_uri or cfg.tracking.uri or default_tracking_uri())
+        if not resume and (Path(storage) / cfg.name).exists():
+            raise ValueError(f"a run named {cfg.name!r} already exists in {storage}; pass --resume to continue "
+                             "it or set name=<new name>")
+        try:
+            result = trainer.fit()
+        except Exception as e:  # TrainingFailedError: the worker's reason is in the message
+            print(f"run {cfg.name!r} FAILED: {e}")
+            return RunOutcome("failed", {}, str(e))
+        print(f"run {cfg.name!r} finished on {num_workers} workers; checkpoint: {result.checkpoint}")
+        return RunOutcome("finished", dict(result.metrics or {}), checkpoint=None)
+    finally:
+        if started:
+            ray.shutdown()
