@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,14 +38,24 @@ _DEVICES = ("auto", "cpu", "cuda")
 _WRAPPER_ARGS = {"self", "params", "base_optimizer", "model", "max_grad_norm", "base_kwargs", "kwargs"}
 
 
+_FIELD_MESSAGE = re.compile(r"^[A-Za-z_][\w.]*=")  # the zosam.validate format: ``field=value is invalid``
+
+
 def _prefixed(prefix: str, fn, *args, **kwargs):
-    """Run a validator and put ``prefix.`` in front of the field its error names."""
+    """Run a validator and put ``prefix.`` in front of the field its error names.
+
+    Messages in another format (torch's own checks, e.g. ``Invalid learning rate: -1``,
+    or a ``TypeError`` from a value of the wrong type) become ``prefix: message``.
+    """
     try:
         return fn(*args, **kwargs)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         msg = str(e)
-        done = msg.startswith((prefix + ".", "unknown key"))
-        raise ValueError(msg if done else f"{prefix}.{msg}") from None
+        if msg.startswith((prefix + ".", prefix + ":", "unknown key")):
+            raise ValueError(msg) from None
+        if _FIELD_MESSAGE.match(msg):
+            raise ValueError(f"{prefix}.{msg}") from None
+        raise ValueError(f"{prefix}: {msg}") from None
 
 
 def _check_keys(section: str, d: dict[str, Any], allowed: set[str]) -> None:
@@ -103,6 +114,12 @@ class OptimizerConfig:
         base_args = set(inspect.signature(BASE_OPTIMIZERS.get(base)).parameters) - {"self", "params"}
         _check_keys("optimizer", d, own | base_args | {"name", "base", "max_grad_norm"})
         hyper = {"lr": 0.1, **({"momentum": 0.9} if base == "sgd" else {}), "weight_decay": 5e-4, **d}
+        # The base optimizers' own checks raise torch's messages (or a TypeError for a
+        # string); the common hyperparameters get the project's format here.
+        for key in ("lr", "weight_decay"):
+            in_range(f"optimizer.{key}", hyper[key], 0)
+        if "momentum" in hyper:
+            in_range("optimizer.momentum", hyper["momentum"], 0, 1, high_open=True)
         cfg = cls(name, base, max_grad_norm, hyper)
         cfg.build(torch.nn.Linear(1, 1), model=None)  # validates every value, cheaply
         return cfg
@@ -276,9 +293,28 @@ def _section(name: str, d: dict[str, Any] | None):
     return _prefixed(name, cls.from_dict, d)
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with exponent floats written without a dot (``1e-3``, ``5e-4``) read as numbers.
+
+    Plain YAML 1.1 reads them as strings, so ``optimizer.mu=1e-3`` would be rejected as
+    ``'1e-3'``; this resolver accepts what Python's ``float`` does for such literals.
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # safe: _Loader is a SafeLoader subclass
+
+
 def parse_value(text: str) -> Any:
-    """Command-line override values are YAML scalars: ``0.05``, ``true``, ``null``, ``[1, 2]``."""
-    return yaml.safe_load(text)
+    """Command-line override values are YAML scalars: ``0.05``, ``1e-3``, ``true``, ``null``, ``[1, 2]``."""
+    return _yaml_load(text)
 
 
 def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -305,7 +341,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"config file {str(p)!r} does not exist")
-        d = yaml.safe_load(p.read_text()) or {}
+        d = _yaml_load(p.read_text()) or {}
         if not isinstance(d, dict):
             raise ValueError(f"{p}: a run config must be a mapping")
     return RunConfig.from_dict(apply_overrides(d, overrides or []))
