@@ -50,10 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--experiment", default=None, help="experiment name (default: all)")
     c.add_argument("--sweep", default=None, help="a sweep's name or parent run id")
     c.add_argument("--filter", default=None, help="an MLflow filter string, e.g. \"tags.`zosam.host` = 'rigl'\"")
-    c.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="select by tag (repeatable)")
+    c.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                   help="select by tag (repeatable); KEY without a dot means zosam.KEY")
     c.add_argument("--tracking-uri", default=None)
     c.add_argument("--out", default=None, help="folder for CSV, Markdown and PNG exports")
     c.add_argument("--no-log", action="store_true", help="do not log a comparison run to MLflow")
+    c.add_argument("--cost", default="train_time_s", choices=("train_time_s", "wall_time_s", "passes_backward"),
+                   help="training cost on the accuracy-vs-cost (Pareto) plot")
 
     b = sub.add_parser("bench", help="run a benchmark (prints a table and one JSON line)")
     b.add_argument("name", choices=sorted(BENCHMARKS))
