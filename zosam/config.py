@@ -82,6 +82,10 @@ class ModelConfig:
         params = inspect.signature(MODELS.get(name)).parameters
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             _check_keys("model", d, set(params) - {"num_classes"})
+        # Values are checked by the constructor itself; on the meta device it allocates
+        # nothing, so a bad width fails here, before any data is loaded.
+        with torch.device("meta"):
+            _prefixed("model", MODELS.get(name), num_classes=10, **d)
         return cls(name, d)
 
     def to_dict(self) -> dict[str, Any]:
