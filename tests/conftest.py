@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 from pathlib import Path
 
@@ -36,3 +37,9 @@ def cache_dir(tmp_path: Path) -> Path:
     d = tmp_path / "cache"
     d.mkdir()
     return d
+
+
+# Every Ray that a test starts (tests/test_ray_integration.py, or a `zosam` subprocess that
+# inherits this environment) binds all its listeners to 127.0.0.1 (shared/docs/stack.md).
+# Set at import time, before any Ray can start.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

@@ -1,0 +1,233 @@
+"""Sweep specs are rejected before Ray starts, with a message naming the key; Pareto fronts.
+
+Pure validation: nothing here starts Ray (``load_spec`` and ``check_cluster_can_run``
+take plain data).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from zosam.sweep import check_cluster_can_run, load_spec, pareto_front, trial_resources
+
+ROOT = Path(__file__).resolve().parent.parent
+
+BASE: dict[str, Any] = {
+    "name": "spec-test",
+    "base": {"epochs": 2, "data": {"name": "digits", "batch_size": 32}, "model": {"name": "mlp", "hidden": [16]},
+             "optimizer": {"name": "zosam", "base": "sgd", "lr": 0.05, "rho": 0.05, "mu": 1e-3, "q": 1},
+             "sparse": {"method": "rigl", "density": 0.2, "update_interval": 5}},
+    "space": {"optimizer.rho": {"loguniform": [0.01, 0.3]}, "optimizer.q": {"choice": [1, 2]},
+              "sparse.update_interval": {"randint": [2, 8]}},
+    "objectives": [{"metric": "test_acc", "mode": "max"}],
+    "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+    "num_trials": 3,
+    "resources": {"cpus_per_trial": 1, "workers_per_trial": 0, "max_concurrent_trials": 2},
+}
+
+
+def spec(**changes: Any) -> dict[str, Any]:
+    """A copy of the valid base spec with top-level ``changes`` (``None`` deletes a key)."""
+    d = copy.deepcopy(BASE)
+    for k, v in changes.items():
+        if v is None:
+            d.pop(k, None)
+        else:
+            d[k] = v
+    return d
+
+
+def with_space(**dists: Any) -> dict[str, Any]:
+    """The base spec with extra/replaced space entries (``a__b`` stands for ``a.b``)."""
+    space = copy.deepcopy(BASE["space"])
+    space.update({k.replace("__", "."): v for k, v in dists.items()})
+    return spec(space=space)
+
+
+def test_the_base_spec_is_valid() -> None:
+    s = load_spec(spec())
+    assert s.name == "spec-test" and s.num_trials == 3 and not s.multi_objective
+    assert set(s.space) == {"optimizer.rho", "optimizer.q", "sparse.update_interval"}
+    assert s.base["name"] == "spec-test"  # the base run gets the sweep's name
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "tune").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_specs_load(path: Path) -> None:
+    s = load_spec(path)
+    assert s.space and s.num_trials >= 1
+
+
+@pytest.mark.parametrize(("bad", "key"), [
+    (spec(nmu_trials=3), "nmu_trials"),
+    (spec(scheduler={"type": "asha", "grace": 1}), "scheduler.grace"),
+    (spec(resources={"cpus_per_trail": 1}), "resources.cpus_per_trail"),
+    (spec(search={"sampler": "tpe", "seeed": 1}), "search.seeed"),
+    (spec(objectives=[{"metric": "test_acc", "mode": "max", "weight": 1}]), "objectives[0].weight"),
+    (spec(tracking={"experment": "x"}), "tracking.experment"),
+    (spec(ray={"num_cpu": 2}), "ray.num_cpu"),
+])
+def test_unknown_key_is_named(bad: dict[str, Any], key: str) -> None:
+    with pytest.raises(ValueError) as e:
+        load_spec(bad)
+    assert f"unknown key {key}" in str(e.value)
+
+
+@pytest.mark.parametrize(("dist", "key"), [
+    ({"loguniform": [0.3, 0.01]}, "space.optimizer.rho.loguniform"),   # inverted
+    ({"uniform": [0.1, 0.1]}, "space.optimizer.rho.uniform"),          # empty
+    ({"randint": [5, 2]}, "space.optimizer.rho.randint"),              # inverted integers
+    ({"choice": []}, "space.optimizer.rho.choice"),                    # empty choice
+    ({"uniform": [0.1]}, "space.optimizer.rho.uniform"),               # not [low, high]
+    ({"normal": [0.0, 1.0]}, "space.optimizer.rho distribution"),      # unknown distribution
+    ({"uniform": [0.1, "x"]}, "space.optimizer.rho.uniform high"),     # not a number
+])
+def test_bad_range_is_named(dist: dict[str, Any], key: str) -> None:
+    with pytest.raises(ValueError) as e:
+        load_spec(with_space(optimizer__rho=dist))
+    assert key in str(e.value)
+
+
+@pytest.mark.parametrize("low", [0.0, -1e-3])
+def test_loguniform_needs_a_positive_low(low: float) -> None:
+    with pytest.raises(ValueError, match=r"space\.optimizer\.mu\.loguniform low"):
+        load_spec(with_space(optimizer__mu={"loguniform": [low, 1e-2]}))
+
+
+@pytest.mark.parametrize("key", ["optimizer.rhoo", "sparse.desnity", "data.nothing", "nosuchsection.x"])
+def test_space_key_that_is_not_a_run_config_field(key: str) -> None:
+    s = spec()
+    s["space"][key] = {"uniform": [0.1, 0.2]}
+    with pytest.raises(ValueError) as e:
+        load_spec(s)
+    assert f"space.{key} is not a field of the run config" in str(e.value)
+
+
+@pytest.mark.parametrize(("key", "dist", "field"), [
+    ("optimizer.rho", {"uniform": [0.0, 0.1]}, "optimizer.rho"),        # rho must be > 0
+    ("sparse.density", {"uniform": [0.1, 1.5]}, "sparse.density"),      # density <= 1
+    ("optimizer.q", {"choice": [1, 0]}, "optimizer.q"),                 # q >= 1
+    ("sparse.drop_fraction", {"uniform": [0.1, 1.0]}, "sparse.drop_fraction"),
+])
+def test_a_range_end_that_makes_an_invalid_run(key: str, dist: dict[str, Any], field: str) -> None:
+    s = spec()
+    s["space"][key] = dist
+    with pytest.raises(ValueError) as e:
+        load_spec(s)
+    msg = str(e.value)
+    assert msg.startswith("space:") and field in msg
+
+
+def test_a_point_to_evaluate_outside_the_run_config_is_rejected() -> None:
+    s = spec(search={"points_to_evaluate": [{"optimizer.rho": 0.05, "optimizer.mu": 1e-3}]})
+    with pytest.raises(ValueError, match=r"unknown key search\.points_to_evaluate\[0\]\.optimizer\.mu"):
+        load_spec(s)
+    s = spec(search={"points_to_evaluate": [{"optimizer.rho": -1.0}]})
+    with pytest.raises(ValueError, match=r"optimizer\.rho"):
+        load_spec(s)
+
+
+def test_asha_with_two_objectives_is_refused() -> None:
+    objectives = [{"metric": "test_acc", "mode": "max"}, {"metric": "passes_backward", "mode": "min"}]
+    with pytest.raises(ValueError, match=r"scheduler\.type=asha needs one objective"):
+        load_spec(spec(objectives=objectives))
+    s = load_spec(spec(objectives=objectives, scheduler={"type": "none"}))
+    assert s.multi_objective
+
+
+@pytest.mark.parametrize(("bad", "key"), [
+    (spec(objectives=[{"metric": "accuracy", "mode": "max"}]), "objectives[0].metric"),
+    (spec(objectives=[{"metric": "test_acc", "mode": "maximise"}]), "objectives[0].mode"),
+    (spec(num_trials=0), "num_trials"),
+    (spec(scheduler={"type": "hyperband"}), "scheduler.type"),
+    (spec(scheduler={"grace_period": 0}), "scheduler.grace_period"),
+    (spec(search={"sampler": "cmaes"}), "search.sampler"),
+    (spec(resources={"cpus_per_trial": 0}), "resources.cpus_per_trial"),
+    (spec(resources={"workers_per_trial": -1}), "resources.workers_per_trial"),
+    (spec(resources={"max_concurrent_trials": 0}), "resources.max_concurrent_trials"),
+    (spec(name=""), "name"),
+    (spec(space={}), "space"),
+    (spec(base={"optimizer": {"name": "zosam", "rho": -1}}), "optimizer.rho"),
+])
+def test_other_bad_values_are_named(bad: dict[str, Any], key: str) -> None:
+    with pytest.raises(ValueError) as e:
+        load_spec(bad)
+    assert key in str(e.value)
+
+
+def test_spec_file_with_base_path_and_overrides(tmp_path: Path) -> None:
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "tune").mkdir()
+    (tmp_path / "configs" / "run.yaml").write_text(yaml.safe_dump(BASE["base"]))
+    d = spec(base="configs/run.yaml", overrides={"epochs": 5})
+    (tmp_path / "tune" / "s.yaml").write_text(yaml.safe_dump(d))
+    s = load_spec(tmp_path / "tune" / "s.yaml", ["num_trials=7"])
+    assert s.base["epochs"] == 5 and s.num_trials == 7
+    d["base"] = "configs/missing.yaml"
+    (tmp_path / "tune" / "s.yaml").write_text(yaml.safe_dump(d))
+    with pytest.raises(ValueError, match=r"base='configs/missing.yaml'"):
+        load_spec(tmp_path / "tune" / "s.yaml")
+    with pytest.raises(FileNotFoundError):
+        load_spec(tmp_path / "tune" / "nope.yaml")
+
+
+# -- resources the cluster cannot satisfy -----------------------------------------------------
+@pytest.mark.parametrize(("resources", "cluster", "key"), [
+    ({"cpus_per_trial": 3}, {"CPU": 2.0}, "resources.cpus_per_trial"),
+    ({"cpus_per_trial": 1, "workers_per_trial": 2, "cpus_per_worker": 1}, {"CPU": 2.0}, "cpus_per_worker"),
+    ({"workers_per_trial": 1, "gpus_per_worker": 1}, {"CPU": 8.0}, "resources.gpus_per_worker"),
+])
+def test_resources_the_cluster_cannot_satisfy(resources: dict[str, Any], cluster: dict[str, float],
+                                               key: str) -> None:
+    s = load_spec(spec(resources=resources))
+    with pytest.raises(ValueError) as e:
+        check_cluster_can_run(s, cluster)
+    assert key in str(e.value) and "Ray cluster has" in str(e.value)
+
+
+def test_resources_that_fit_pass() -> None:
+    s = load_spec(spec(resources={"cpus_per_trial": 1, "workers_per_trial": 2, "cpus_per_worker": 1}))
+    assert trial_resources(s) == {"CPU": 3.0, "GPU": 0.0}
+    check_cluster_can_run(s, {"CPU": 3.0})
+    check_cluster_can_run(s, {"CPU": 4.0, "GPU": 1.0})
+
+
+# -- Pareto fronts -------------------------------------------------------------------------------
+@pytest.mark.parametrize(("points", "modes", "front"), [
+    # (acc max, cost min): (0.9, 10) and (0.8, 5) trade off; (0.7, 10) is dominated by both.
+    ([(0.9, 10), (0.8, 5), (0.7, 10)], ("max", "min"), [0, 1]),
+    # Ties: identical points do not dominate each other, both stay.
+    ([(0.9, 10), (0.9, 10), (0.8, 20)], ("max", "min"), [0, 1]),
+    # Equal on one objective, better on the other: dominated.
+    ([(0.9, 10), (0.9, 12)], ("max", "min"), [0]),
+    ([(1.0, 1.0), (2.0, 0.5), (0.5, 3.0)], ("min", "min"), [0, 1, 2]),
+    ([(1.0, 1.0), (2.0, 2.0)], ("max", "max"), [1]),
+    ([(1.0, 1.0), (2.0, 2.0)], ("min", "min"), [0]),
+    # Non-finite points are never on the front and do not dominate.
+    ([(math.nan, 1.0), (0.5, 3.0), (math.inf, 0.0)], ("max", "min"), [1]),
+    ([(0.5, -math.inf), (0.4, 1.0)], ("max", "min"), [1]),
+    ([(0.3,), (0.7,), (0.7,)], ("max",), [1, 2]),
+    ([], ("max", "min"), []),
+])
+def test_pareto_front(points, modes, front) -> None:
+    assert pareto_front(points, modes) == front
+
+
+def test_pareto_front_is_non_dominated_and_complete() -> None:
+    """On a grid of points every point off the front is dominated by one on it."""
+    pts = [(a / 10, (a * 7 + b * 3) % 11) for a in range(10) for b in range(4)]
+    front = pareto_front(pts, ("max", "min"))
+
+    def dom(p, q) -> bool:
+        return p[0] >= q[0] and p[1] <= q[1] and (p[0] > q[0] or p[1] < q[1])
+
+    assert front
+    for i in front:
+        assert not any(dom(pts[j], pts[i]) for j in range(len(pts)))
+    for i in set(range(len(pts))) - set(front):
+        assert any(dom(pts[j], pts[i]) for j in front)
