@@ -225,7 +225,7 @@ def select_runs(client, selection: Selection) -> list[RunRecord]:
         ValueError: for a filter MLflow rejects.
     """
     experiment_ids = _experiment_ids(client, selection.experiment)
-    clauses = [f"({selection.filter})" if selection.filter else None]
+    clauses = [selection.filter]  # MLflow's grammar has AND only (no parentheses, no OR)
     clauses += [_tag_clause(k, v) for k, v in selection.tags.items()]
     if selection.sweep:
         parent = find_sweep_parent(client, selection.sweep, experiment_ids)
