@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# Each demo is a new sweep (its own Ray experiment and MLflow parent run), so it can be rerun.
 demo: $(STAMP)
-	$(BIN)/zosam sweep tune/quick.yaml
+	$(BIN)/zosam sweep tune/quick.yaml --set name=quick-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
