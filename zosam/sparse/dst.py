@@ -58,14 +58,15 @@ def _count(fraction: float, active: int) -> int:
 
 
 def drop_grow(
-    mask: Tensor, drop_score: Tensor, grow_score: Tensor, n: int
+    mask: Tensor, drop_score: Tensor, grow_score: Tensor, n: int, active: int
 ) -> tuple[Tensor, int]:
     """Drop the ``n`` active weights with the lowest ``drop_score``, grow ``n`` by ``grow_score``.
 
-    ``n`` is capped by the active count and by the inactive positions left once the
-    dropped ones are excluded. Returns the new mask and the ``n`` used.
+    ``active`` is the mask's active count (passed in: counting it on a GPU would cost a
+    synchronisation per layer). ``n`` is capped by ``active`` and by the inactive
+    positions, dropped ones excluded. Returns the new mask and the ``n`` used; exactly
+    ``2 n`` positions change.
     """
-    active = int(mask.sum())
     n = max(0, min(n, active, mask.numel() - active))
     if n == 0:
         return mask.clone(), 0
@@ -84,51 +85,57 @@ ScoreFn = Callable[[str, Tensor], Tensor]
 
 def layerwise_update(
     masks: Mapping[str, Tensor],
+    counts: Mapping[str, int],
     fraction: float,
     drop_score: ScoreFn,
     grow_score: ScoreFn,
-) -> dict[str, Tensor]:
-    """Per-layer drop/grow of ``round(fraction * active_l)`` weights in every layer."""
-    out = {}
+) -> tuple[dict[str, Tensor], int]:
+    """Per-layer drop/grow of ``round(fraction * counts[l])`` weights in every layer.
+
+    Returns the new masks and the number of positions changed.
+    """
+    out, changed = {}, 0
     for name, m in masks.items():
-        n = _count(fraction, int(m.sum()))
-        out[name], _ = drop_grow(m, drop_score(name, m), grow_score(name, m), n)
-    return out
+        n = _count(fraction, counts[name])
+        out[name], n = drop_grow(m, drop_score(name, m), grow_score(name, m), n, counts[name])
+        changed += 2 * n
+    return out, changed
 
 
 def global_update(
     masks: Mapping[str, Tensor],
+    counts: Mapping[str, int],
     fraction: float,
     drop_score: ScoreFn,
     random_score: ScoreFn,
-) -> dict[str, Tensor]:
+) -> tuple[dict[str, Tensor], int]:
     """DSR-style reallocation: global magnitude drop, random growth spread by survivors.
 
     Drops ``round(fraction * K)`` active weights (``K`` = global active count) with the
     lowest score over all layers, except each layer's best weight (a layer is never
     emptied), then grows the same number, allotted to layers in proportion to their
     surviving counts (largest remainders, capped by each layer's free positions); the
-    global count stays exact while layers gain or lose weights.
+    global count stays exact while layers gain or lose weights. Returns the new masks and
+    the number of positions changed.
     """
     names = list(masks)
     old = [masks[n].flatten() for n in names]
     scores = []
     for n, fm in zip(names, old, strict=True):
         s = torch.where(fm, drop_score(n, masks[n]).flatten().float(), _INF)
-        if bool(fm.any()):
+        if counts[n] > 0:
             s[torch.argmax(torch.where(fm, s, -_INF))] = _INF  # protect the layer's best
         scores.append(s)
-    droppable = torch.cat(scores)
-    total_active = sum(int(fm.sum()) for fm in old)
-    n_drop = min(_count(fraction, total_active), int(torch.isfinite(droppable).sum()))
+    droppable = sum(counts.values()) - sum(1 for n in names if counts[n] > 0)
+    n_drop = min(_count(fraction, sum(counts.values())), droppable)
     if n_drop == 0:
-        return {n: m.clone() for n, m in masks.items()}
+        return {n: m.clone() for n, m in masks.items()}, 0
     cat = torch.cat(old)
-    cat[torch.topk(-droppable, n_drop, sorted=False).indices] = False
+    cat[torch.topk(-torch.cat(scores), n_drop, sorted=False).indices] = False
     new = list(torch.split(cat, [fm.numel() for fm in old]))
-    survivors = [int(fm.sum()) for fm in new]
+    survivors = torch.stack([fm.sum() for fm in new]).tolist()  # one synchronisation
     # Free positions exclude the dropped ones (they were active before the update).
-    free = [fm.numel() - int(fm.sum()) for fm in old]
+    free = [fm.numel() - counts[n] for n, fm in zip(names, old, strict=True)]
     alloc = _allocate(n_drop, survivors, free)
     out = {}
     for i, n in enumerate(names):
@@ -136,7 +143,7 @@ def global_update(
             g = torch.where(old[i], -_INF, random_score(n, masks[n]).flatten().float())
             new[i][torch.topk(g, alloc[i], sorted=False).indices] = True
         out[n] = new[i].view_as(masks[n])
-    return out
+    return out, 2 * n_drop
 
 
 def _allocate(total: int, weights: list[int], caps: list[int]) -> list[int]:
@@ -169,9 +176,18 @@ def _allocate(total: int, weights: list[int], caps: list[int]) -> list[int]:
 
 
 def uniform_scores(generator: torch.Generator) -> ScoreFn:
-    """Random grow scores from the dedicated CPU generator (same stream on every device)."""
+    """Random scores drawn on the mask's device, seeded from the dedicated generator.
+
+    One draw from ``generator`` seeds a generator per device and update, so the scores
+    are reproducible without generating on the CPU and copying (slow for big layers).
+    """
+    per_device: dict[torch.device, torch.Generator] = {}
 
     def score(_: str, m: Tensor) -> Tensor:
-        return torch.rand(m.shape, generator=generator).to(m.device)
+        g = per_device.get(m.device)
+        if g is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            g = per_device[m.device] = torch.Generator(device=m.device).manual_seed(seed)
+        return torch.rand(m.shape, generator=g, device=m.device)
 
     return score

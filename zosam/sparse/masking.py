@@ -92,6 +92,7 @@ class Masking:
         self.masks: dict[str, Tensor] = {
             n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()
         }
+        self.counts: dict[str, int] = {n: p.numel() for n, p in self.params.items()}
         self.optimizers: list[Any] = []
         self.changed_last_update = 0
         self.last_update_step = -1
@@ -138,7 +139,7 @@ class Masking:
         else:
             masks = PRUNERS.get(method)(ctx)
         masks = broadcast_masks(masks)
-        self._check_total(masks)
+        self.counts = self._checked_counts(masks)
         self.masks = {n: m.to(self.params[n].device) for n, m in masks.items()}
         self._push()
 
@@ -167,7 +168,9 @@ class Masking:
 
         Re-applies the masks when no attached optimizer does it, then, for a dynamic
         host on its update schedule, drops and grows weights: grown weights start at
-        zero and the optimizer state of every changed position is reset.
+        zero and the optimizer state of every changed position is reset. RigL and MEST
+        read ``p.grad`` as left by the step (dense; under SAM/ZO-SAM it is the gradient
+        at the perturbed point, the one the update applied).
         """
         if self.config.is_dense:
             return False
@@ -178,15 +181,16 @@ class Masking:
         ):
             return False
         fraction = dst.drop_fraction_at(self.config, step, self.total_steps)
-        new = broadcast_masks(self._updated_masks(fraction))
-        self._check_total(new)
-        changed = self._swap(new)
+        new, changed = self._updated_masks(fraction)
+        new = broadcast_masks(new)
+        self.counts = self._checked_counts(new)
+        self._swap(new)
         self.changed_last_update = changed
         self.last_update_step = step
         self.num_updates += 1
         return changed > 0
 
-    def _updated_masks(self, fraction: float) -> dict[str, Tensor]:
+    def _updated_masks(self, fraction: float) -> tuple[dict[str, Tensor], int]:
         method = self.config.method
         rand = dst.uniform_scores(self.generator)
 
@@ -194,20 +198,20 @@ class Masking:
             return self.params[n].detach().abs()
 
         if method == "dsr":
-            return dst.global_update(self.masks, fraction, magnitude, rand)
+            return dst.global_update(self.masks, self.counts, fraction, magnitude, rand)
         if method == "set":
-            return dst.layerwise_update(self.masks, fraction, magnitude, rand)
+            return dst.layerwise_update(self.masks, self.counts, fraction, magnitude, rand)
         grads = self._grads(method)
         if method == "rigl":
             return dst.layerwise_update(
-                self.masks, fraction, magnitude, lambda n, _m: grads[n].abs()
+                self.masks, self.counts, fraction, magnitude, lambda n, _m: grads[n].abs()
             )
         lam = self.config.mest_gradient_weight  # mest
 
         def mest_score(n: str, _m: Tensor) -> Tensor:
             return self.params[n].detach().abs() + lam * grads[n].abs()
 
-        return dst.layerwise_update(self.masks, fraction, mest_score, rand)
+        return dst.layerwise_update(self.masks, self.counts, fraction, mest_score, rand)
 
     def _grads(self, method: str) -> dict[str, Tensor]:
         missing = [n for n, p in self.params.items() if p.grad is None]
@@ -217,22 +221,20 @@ class Masking:
                 f"{missing[0]} has none: call masking.step(step) after optimizer.step and "
                 "before zero_grad"
             )
-        return {n: p.grad.detach() for n, p in self.params.items()}
+        # A GradScaler-skipped step leaves inf/NaN gradients: rank them as zero.
+        return {n: torch.nan_to_num(p.grad.detach(), 0.0, 0.0, 0.0) for n, p in self.params.items()}
 
     @torch.no_grad()
-    def _swap(self, new: dict[str, Tensor]) -> int:
+    def _swap(self, new: dict[str, Tensor]) -> None:
         """Install ``new`` masks: zero grown and dropped weights, reset their optimizer state."""
-        changed = 0
         for n, m in new.items():
             p = self.params[n]
             m = m.to(p.device)
             diff = m ^ self.masks[n]
-            changed += int(diff.sum())
             p.masked_fill_(diff, 0)  # dropped weights become 0; grown ones start at 0
             reset_optimizer_state(self.optimizers, p, diff)
             self.masks[n] = m
         self._push()
-        return changed
 
     def _push(self) -> None:
         """Apply the masks to the weights and hand them to every attached optimizer."""
@@ -241,11 +243,15 @@ class Masking:
             if hasattr(opt, "set_masks"):
                 opt.set_masks(self.param_masks())
 
-    def _check_total(self, masks: dict[str, Tensor]) -> None:
-        got = sum(int(m.sum()) for m in masks.values())
-        want = sum(self.target_counts.values())
+    def _checked_counts(self, masks: dict[str, Tensor]) -> dict[str, int]:
+        """Per-layer active counts (one device synchronisation); asserts the global total."""
+        if not masks:
+            return {}
+        counts = dict(zip(masks, torch.stack([m.sum() for m in masks.values()]).tolist(), strict=True))
+        got, want = sum(counts.values()), sum(self.target_counts.values())
         if got != want:
             raise AssertionError(f"masks keep {got} weights, target {want}")
+        return counts
 
     # -- checkpoints -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -280,6 +286,7 @@ class Masking:
             if tuple(m.shape) != tuple(self.params[n].shape):
                 raise ValueError(f"checkpoint mask {n} has shape {tuple(m.shape)}")
         self.masks = {n: masks[n].to(self.params[n].device).bool() for n in self.params}
+        self.counts = self._checked_counts(self.masks)
         self.generator.set_state(state["generator"])
         self.changed_last_update = int(state["changed_last_update"])
         self.last_update_step = int(state["last_update_step"])
@@ -298,7 +305,7 @@ class Masking:
         ``maskable_weights``, ``changed_last_update``, ``last_update_step``,
         ``num_updates``, ``active_flops``, ``dense_flops``.
         """
-        active = {n: int(m.sum()) for n, m in self.masks.items()}
+        active = self.counts
         maskable = sum(p.numel() for p in self.params.values())
         all_weights = sum(m.weight.numel() for _, m in weight_layers(self.model))
         pruned = maskable - sum(active.values())
