@@ -39,11 +39,11 @@ PLOTS = ("accuracy_vs_sparsity.png", "accuracy_vs_cost.png", "parallel_coordinat
 
 def _cfg(name: str, optimizer: dict, seed: int, uri: str, experiment: str, ckpt: Path) -> RunConfig:
     return RunConfig.from_dict({
-        "name": name, "seed": seed, "epochs": 2, "max_steps_per_epoch": 2, "device": "cpu",
+        "name": name, "seed": seed, "epochs": 2, "max_steps_per_epoch": 4, "device": "cpu",
         "data": {"name": "digits", "batch_size": 32, "eval_batch_size": 256, "test_subset": 100,
                  "image_size": 16},
         "model": {"name": "tiny_cnn", "width": 8},
-        "optimizer": {"lr": 0.1, **optimizer},
+        "optimizer": {"lr": 0.3, **optimizer},  # moves off chance in 8 steps: seeds differ
         "sparse": {"method": "rigl", "density": 0.5, "update_interval": 2},
         "checkpoint": {"dir": str(ckpt / name)},
         "tracking": {"uri": uri, "experiment": experiment},
@@ -95,7 +95,8 @@ def _expected_by_optimizer(uri: str, experiment: str) -> dict[str, dict]:
             "seeds": sorted(sub["tags.zosam.seed"]),
             **{f"{m}_mean": float(sub[f"metrics.{m}"].mean()) for m in
                ("final_test_acc", "best_test_acc", "wall_time_s", "passes_backward", "images_per_s")},
-            "final_test_acc_std": float(sub["metrics.final_test_acc"].std(ddof=1)),
+            **{f"{m}_std": float(sub[f"metrics.{m}"].std(ddof=1)) for m in
+               ("final_test_acc", "wall_time_s", "images_per_s")},
             "final": list(sub["metrics.final_test_acc"]),
         }
     return out
@@ -124,6 +125,9 @@ def test_groups_match_the_runs_own_metrics(store: dict, exported: dict) -> None:
         assert g.std("final_test_acc") == pytest.approx(statistics.stdev(e["final"]), abs=1e-12)
         for m in ("best_test_acc", "wall_time_s", "passes_backward", "images_per_s"):
             assert g.mean(m) == pytest.approx(e[f"{m}_mean"], rel=1e-12)
+        # Timings differ from run to run, so these catch runs put in the wrong group.
+        for m in ("wall_time_s", "images_per_s"):
+            assert g.std(m) == pytest.approx(e[f"{m}_std"], rel=1e-9)
     # The printed table carries the same numbers, in percent.
     printed = exported["printed"]
     for g in groups:
