@@ -287,7 +287,7 @@ class Masking:
                 raise ValueError(f"checkpoint mask {n} has shape {tuple(m.shape)}")
         self.masks = {n: masks[n].to(self.params[n].device).bool() for n in self.params}
         self.counts = self._checked_counts(self.masks)
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generator"].cpu())  # map_location may have moved it
         self.changed_last_update = int(state["changed_last_update"])
         self.last_update_step = int(state["last_update_step"])
         self.num_updates = int(state["num_updates"])
