@@ -63,12 +63,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Measure and return the results (the JSON line's content)."""
+    threads = torch.get_num_threads()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    try:
+        return _measure(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(args: argparse.Namespace) -> dict[str, Any]:
     from zosam.models import create_model
     from zosam.optim import FirstOrder, apply_masks, make_closure
     from zosam.sparse import Masking, SparsityConfig
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch_size, 3, 32, 32, generator=gen).to(device)
