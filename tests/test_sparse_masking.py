@@ -134,8 +134,11 @@ def test_checkpoint_of_another_method_is_refused() -> None:
     masking = Masking(net, SparsityConfig(method="set"), total_steps=10)
     masking.init_masks()
     other = Masking(tiny_cnn(), SparsityConfig(method="rigl"), total_steps=10)
-    with pytest.raises(ValueError, match=r"sparse\.method"):
+    with pytest.raises(ValueError, match=r"sparse\.method='set', run has 'rigl'"):
         other.load_state_dict(masking.state_dict())
+    denser = Masking(tiny_cnn(), SparsityConfig(method="set", density=0.2), total_steps=10)
+    with pytest.raises(ValueError, match=r"sparse\.density=0\.1, run has 0\.2"):
+        denser.load_state_dict(masking.state_dict())
 
 
 def test_count_flops_by_hand() -> None:

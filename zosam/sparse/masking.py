@@ -271,11 +271,10 @@ class Masking:
         """Restore masks onto the same model, apply them and push them to optimizers."""
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"masking state version {state.get('version')!r} is not supported")
-        saved_method = state["config"]["method"]
-        if saved_method != self.config.method:
-            raise ValueError(
-                f"checkpoint has sparse.method={saved_method!r}, run has {self.config.method!r}"
-            )
+        for key in ("method", "density"):
+            saved, ours = state["config"][key], getattr(self.config, key)
+            if saved != ours:
+                raise ValueError(f"checkpoint has sparse.{key}={saved!r}, run has {ours!r}")
         masks = state["masks"]
         if set(masks) != set(self.params):
             raise ValueError(
