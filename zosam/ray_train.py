@@ -75,16 +75,28 @@ def run_in_session(run_dict: dict[str, Any], *, report: Callable[..., None], get
             (restored.as_directory() if restored else _null()) as restored_dir:
         resume_from = Path(restored_dir) / CHECKPOINT_FILE if restored_dir else None
 
+        final: dict[str, Any] = {}
+
         def on_epoch(trainer, res: EpochResult, path: Path | None, logger) -> None:
             metrics = epoch_metrics(res, cumulative_cost(trainer))
             if logger is not None:
                 metrics["mlflow_run_id"] = logger.run_id
+            if res.epoch + 1 == cfg.epochs:
+                # The last report waits until the run has logged its summary and ended its
+                # MLflow run: a scheduler stops a trial as soon as it reports epoch == max_t
+                # (ASHA), which would otherwise cut that logging off mid-way.
+                final.update(metrics=metrics, path=path)
+                return
             ckpt = checkpoint_cls.from_directory(str(path.parent)) if (rank == 0 and path) else None
             report(metrics, checkpoint=ckpt)
 
         outcome = run(cfg, checkpoint_dir=local, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
                       extra_tags=extra_tags, on_epoch=on_epoch, resume_from=resume_from,
                       log=print if rank == 0 else None)
+        if outcome.status == "finished" and final:
+            path = final["path"]
+            ckpt = checkpoint_cls.from_directory(str(path.parent)) if (rank == 0 and path) else None
+            report(final["metrics"], checkpoint=ckpt)
     if outcome.status != "finished":
         raise TrialFailed(outcome.reason or "failed")
     return outcome.summary
