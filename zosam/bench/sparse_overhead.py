@@ -55,6 +55,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions (median)")
     p.add_argument("--update-repeats", type=int, default=10)
+    p.add_argument("--apply-repeats", type=int, default=50, help="mask applications (median)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: keep)")
@@ -112,7 +113,7 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
             if "apply_s" not in row:
                 masks = opt.masks  # what the optimizer applies after every step
                 row["apply_s"] = _time(
-                    lambda masks=masks: apply_masks(masks), args.update_repeats, args.warmup, device
+                    lambda masks=masks: apply_masks(masks), args.apply_repeats, args.warmup, device
                 )
                 row["apply_frac"] = row["apply_s"] / sgd_s
                 row["realised_density"] = masking.report()["global_density"]
