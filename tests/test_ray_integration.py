@@ -252,7 +252,10 @@ def test_a_killed_worker_restores_and_finishes_like_an_uninterrupted_run(ray_loc
     fit = threading.Thread(target=lambda: box.setdefault("result", trainer.fit()), daemon=True)
     fit.start()
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and not (pid_file.is_file() and list((storage / "ft").glob("checkpoint_*"))):
+    # Two checkpoints on disk: the first is registered (reports are synchronous), so the
+    # restart must begin from it rather than from scratch.
+    while time.monotonic() < deadline and not (pid_file.is_file()
+                                               and len(list((storage / "ft").glob("checkpoint_*"))) >= 2):
         time.sleep(0.05)
     assert fit.is_alive(), "the run ended before the worker could be killed"
     killed = int(pid_file.read_text())

@@ -62,8 +62,11 @@ def epoch_metrics(res: EpochResult, cost: dict[str, Any]) -> dict[str, Any]:
 
 def run_in_session(run_dict: dict[str, Any], *, report: Callable[..., None], get_checkpoint: Callable[[], Any],
                    checkpoint_cls: Any, rank: int, tracking_uri: str | None, parent_run_id: str | None = None,
-                   extra_tags: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run one config inside a Ray session; returns the summary. Raises ``TrialFailed`` on failure."""
+                   extra_tags: dict[str, str] | None = None, run_key: str | None = None) -> dict[str, Any]:
+    """Run one config inside a Ray session; returns the summary. Raises ``TrialFailed`` on failure.
+
+    ``run_key`` identifies the run across restarts (see ``zosam.tracking.RunLogger``).
+    """
     from zosam.runner import run
 
     cfg = RunConfig.from_dict(run_dict)
@@ -92,7 +95,7 @@ def run_in_session(run_dict: dict[str, Any], *, report: Callable[..., None], get
 
         outcome = run(cfg, checkpoint_dir=local, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
                       extra_tags=extra_tags, on_epoch=on_epoch, resume_from=resume_from,
-                      log=print if rank == 0 else None)
+                      log=print if rank == 0 else None, run_key=run_key)
         if outcome.status == "finished" and final:
             path = final["path"]
             ckpt = checkpoint_cls.from_directory(str(path.parent)) if (rank == 0 and path) else None
@@ -125,7 +128,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run_in_session(config["run"], report=ray.train.report, get_checkpoint=ray.train.get_checkpoint,
                    checkpoint_cls=ray.train.Checkpoint, rank=ray.train.get_context().get_world_rank(),
                    tracking_uri=config.get("tracking_uri"), parent_run_id=config.get("parent_run_id"),
-                   extra_tags=config.get("extra_tags"))
+                   extra_tags=config.get("extra_tags"), run_key=config.get("run_key"))
 
 
 def make_trainer(run_dict: dict[str, Any], *, num_workers: int, use_gpu: bool, cpus_per_worker: float = 1.0,
@@ -143,7 +146,7 @@ def make_trainer(run_dict: dict[str, Any], *, num_workers: int, use_gpu: bool, c
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"run": run_dict, "tracking_uri": tracking_uri, "parent_run_id": parent_run_id,
-                           "extra_tags": extra_tags},
+                           "extra_tags": extra_tags, "run_key": f"train:{storage_path}/{name}"},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cpus_per_worker,

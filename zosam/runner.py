@@ -66,6 +66,7 @@ def run(
     on_epoch: Callable[[Trainer, EpochResult, Path | None, RunLogger | None], None] | None = None,
     log: Callable[[str], None] | None = print,
     resume_from: str | Path | None = None,
+    run_key: str | None = None,
 ) -> RunOutcome:
     """Train one config; log it to MLflow; never raise on divergence (status ``failed``).
 
@@ -75,6 +76,8 @@ def run(
         resume_from: an explicit checkpoint file to continue from (Ray Train restores).
         tracking_uri: MLflow URI (default: ``cfg.tracking.uri`` or ``default_tracking_uri()``).
         parent_run_id, extra_tags: for sweeps (child runs).
+        run_key: a stable identity for the MLflow run (see ``RunLogger``); restarts of the
+            same trial or Train run continue one MLflow run.
         on_epoch: called after every epoch with the trainer, the epoch's result, the
             checkpoint written (if any) and the MLflow logger (rank 0; ``None`` elsewhere).
     """
@@ -91,7 +94,8 @@ def run(
     if trainer.rank == 0 and cfg.tracking.enabled:
         uri = tracking_uri or cfg.tracking.uri or default_tracking_uri()
         logger = RunLogger(uri, cfg.tracking.experiment, cfg.name, tags={**run_tags(cfg), **(extra_tags or {})},
-                           parent_run_id=parent_run_id, run_id=trainer.extra_state.get("mlflow_run_id"))
+                           parent_run_id=parent_run_id, run_id=trainer.extra_state.get("mlflow_run_id"),
+                           run_key=run_key)
         trainer.extra_state["mlflow_run_id"] = logger.run_id
         logger.log_params(flatten(cfg.to_dict()))
         logger.log_dict(cfg.to_dict(), "config.yaml")

@@ -239,7 +239,8 @@ def trial_function(config: dict[str, Any]) -> None:
     if ctx["workers_per_trial"] == 0:
         run_in_session(run_dict, report=tune.report, get_checkpoint=tune.get_checkpoint,
                        checkpoint_cls=tune.Checkpoint, rank=0, tracking_uri=ctx["tracking_uri"],
-                       parent_run_id=ctx["parent_run_id"], extra_tags=tags)
+                       parent_run_id=ctx["parent_run_id"], extra_tags=tags,
+                       run_key=f"{ctx['parent_run_id']}/{trial_id}")
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 

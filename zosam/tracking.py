@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-STATUS_TAG, REASON_TAG = "zosam.status", "zosam.failure_reason"
+STATUS_TAG, REASON_TAG, KEY_TAG = "zosam.status", "zosam.failure_reason", "zosam.run_key"
 
 
 def default_tracking_uri() -> str:
@@ -78,17 +78,27 @@ class RunLogger:
         tags: tags set at creation.
         parent_run_id: makes this a child run (sweeps).
         run_id: continue an existing run (resume) instead of creating one.
+        run_key: a stable identity of the run (a sweep's parent id and trial id, a Ray
+            Train run's storage path and name). An existing run with this key is continued,
+            so a worker restarted before its first checkpoint does not open a second run.
     """
 
     def __init__(self, uri: str, experiment: str, run_name: str, *, tags: Mapping[str, str] | None = None,
-                 parent_run_id: str | None = None, run_id: str | None = None) -> None:
+                 parent_run_id: str | None = None, run_id: str | None = None,
+                 run_key: str | None = None) -> None:
         self.uri = uri
         self.client = client(uri)
+        if run_id is None and run_key is not None:
+            found = self.client.search_runs([ensure_experiment(uri, experiment)],
+                                            filter_string=f"tags.`{KEY_TAG}` = '{run_key}'", max_results=1)
+            run_id = found[0].info.run_id if found else None
         if run_id is not None:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
         else:
             all_tags = {"mlflow.runName": run_name, **(tags or {})}
+            if run_key:
+                all_tags[KEY_TAG] = run_key
             if parent_run_id:
                 all_tags["mlflow.parentRunId"] = parent_run_id
             run = self.client.create_run(ensure_experiment(uri, experiment), run_name=run_name,
