@@ -117,7 +117,8 @@ def run_config(s: dict[str, Any], *, dataset: str, host: str, optimizer: str, de
     model: dict[str, Any] = {"name": s["model"]}
     if s.get("width"):
         model["width"] = s["width"]
-    name = f"acc-{dataset}-{s['model']}{s.get('width') or ''}-{host}-{optimizer}-d{density:g}-s{seed}"
+    arch = f"{s['model']}w{s['width']}" if s.get("width") else s["model"]
+    name = f"acc-{dataset}-{arch}-{host}-{optimizer}-d{density:g}-s{seed}"
     return {
         "name": name,
         "seed": seed,
