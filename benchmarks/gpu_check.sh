@@ -12,9 +12,19 @@ cd "$(dirname "$0")/.."
 OUT=${1:-gpu_results}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-[ -x .venv/bin/zosam ] || make setup || { echo "make setup failed" >&2; exit 1; }
-ZOSAM=.venv/bin/zosam
+# The project's venv, else a machine's own torch + timm (a GPU box without network: the
+# package runs from the checkout; MLflow logging is skipped where mlflow is not installed).
+if [ -x .venv/bin/zosam ]; then
+    ZOSAM=".venv/bin/zosam"; PY=.venv/bin/python
+elif python3 -c 'import torch, timm, sklearn, yaml' 2>/dev/null; then
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"; ZOSAM="python3 -m zosam.cli"; PY=python3
+else
+    make setup || { echo "make setup failed" >&2; exit 1; }
+    ZOSAM=".venv/bin/zosam"; PY=.venv/bin/python
+fi
 export MLFLOW_TRACKING_URI="sqlite:///$OUT/mlflow.db"
+if $PY -c 'import mlflow' 2>/dev/null; then MLFLOW=(--mlflow "$MLFLOW_TRACKING_URI"); TRACK="$MLFLOW_TRACKING_URI"
+else MLFLOW=(); TRACK=off; fi
 status=0
 step() {  # step NAME SECONDS CMD...: run with a time limit, tee the output to OUT/NAME.txt
     local name=$1 limit=$2; shift 2
@@ -28,13 +38,14 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, tee the output to O
 }
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; date -u; git rev-parse HEAD; } \
     > "$OUT/machine.txt" 2>&1
-step step_cost_resnet32 120 $ZOSAM bench step-cost --device cuda --amp --model resnet32 --batch-size 128 \
-    --rounds 10 --mlflow "$MLFLOW_TRACKING_URI"
-step step_cost_deit_tiny 120 $ZOSAM bench step-cost --device cuda --amp --model deit_tiny --batch-size 64 \
-    --image-size 224 --methods sgd sam zosam rwp --rounds 5 --mlflow "$MLFLOW_TRACKING_URI"
-step accuracy 300 $ZOSAM bench accuracy --device cuda --amp bf16 --train-subset 0 --test-subset 0 \
+step step_cost_resnet32 150 $ZOSAM bench step-cost --device cuda --amp --model resnet32 --batch-size 128 \
+    --methods sgd sam zosam:q=1 zosam:q=2 zosam:q=1,query_fraction=0.25 rwp esam looksam gsam \
+    --rounds 20 "${MLFLOW[@]}"
+step step_cost_deit_tiny 100 $ZOSAM bench step-cost --device cuda --amp --model deit_tiny --batch-size 64 \
+    --image-size 224 --methods sgd sam zosam rwp --rounds 10 --no-memory "${MLFLOW[@]}"
+step accuracy 270 $ZOSAM bench accuracy --device cuda --amp bf16 --train-subset 0 --test-subset 0 \
     --model resnet32 --width 32 --epochs 4 --batch-size 128 --update-interval 100 --seeds 1 \
     --hosts rigl --optimizers sgd sam zosam --densities 0.1 --out "$OUT/accuracy" \
-    --tracking-uri "$MLFLOW_TRACKING_URI" --quiet
+    --tracking-uri "$TRACK" --quiet
 echo "tables and JSON in $OUT (status $status)"
 exit $status

@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
     p.add_argument("--out", default="bench_results/accuracy")
-    p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: sqlite in --out)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow URI (default: sqlite in --out); 'off' logs nothing (a machine without mlflow)")
     p.add_argument("--experiment", default=EXPERIMENT)
     p.add_argument("--fresh", action="store_true", help="rerun runs already recorded in --out")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
@@ -310,13 +311,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     in_range("--seeds", s["seeds"], 1, integer=True)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    uri = args.tracking_uri or f"sqlite:///{out / 'mlflow.db'}"
+    tracking = args.tracking_uri != "off"
+    uri = args.tracking_uri if args.tracking_uri and tracking else f"sqlite:///{out / 'mlflow.db'}"
     if args.sweep:
         return _run_sweeps(args, s, out, uri)
     configs = grid(args, s)
     from zosam.config import RunConfig
 
     for c in configs:  # every config is valid before the first run starts
+        c["tracking"]["enabled"] = tracking
         RunConfig.from_dict(c)
     records = []
     t0 = time.perf_counter()
@@ -331,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                "seeds": s["seeds"], "device": args.device, "amp": args.amp, "full": args.full,
                "runs": len(records), "failed": sum(r["status"] != "finished" for r in records),
                "wall_time_s": time.perf_counter() - t0, "results": str(out / RESULTS_FILE)}
-    return emit("accuracy", rows, summary, mlflow_uri=uri, columns=COLUMNS)
+    return emit("accuracy", rows, summary, mlflow_uri=uri if tracking else None, columns=COLUMNS)
 
 
 def _write_results(out: Path, args: argparse.Namespace, s: dict[str, Any], records: list[dict[str, Any]]) -> None:

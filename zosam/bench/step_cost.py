@@ -97,15 +97,15 @@ def _memory_child(args: argparse.Namespace, spec: str) -> None:
     """Run in a subprocess: print the peak-RSS growth (MiB) of two steps of one method."""
     device = torch.device(args.device)
     _, opt, closure, scaler, _ = _setup(args, spec, device)
+    _timed_step(opt, closure, scaler, device)  # optimizer state allocated, allocator warm
     if device.type == "cuda":
-        opt.step(closure, scaler=scaler)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        opt.step(closure, scaler=scaler)
+        _timed_step(opt, closure, scaler, device)
         print(json.dumps({"peak_mib": (torch.cuda.max_memory_allocated(device) - base) / 2**20}))
         return
-    opt.step(closure, scaler=scaler)  # allocate optimizer state and warm up the allocator
-    print(json.dumps({"peak_mib": _peak_rss_growth(lambda: opt.step(closure, scaler=scaler)) / 2**20}))
+    growth = _peak_rss_growth(lambda: _timed_step(opt, closure, scaler, device))
+    print(json.dumps({"peak_mib": growth / 2**20}))
 
 
 def _rss() -> int:
@@ -136,9 +136,11 @@ def _peak_memory(argv: Sequence[str], spec: str) -> float:
     # glibc returns large blocks to the OS at once with a fixed mmap threshold, so the
     # resident set tracks live tensor memory instead of the allocator's retained heap.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-    out = subprocess.run([sys.executable, "-m", "zosam.bench.step_cost", *argv, "--memory-child", spec],
-                         check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+    proc = subprocess.run([sys.executable, "-m", "zosam.bench.step_cost", *argv, "--memory-child", spec],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"peak-memory run of {spec!r} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
 def build_parser() -> argparse.ArgumentParser:

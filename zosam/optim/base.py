@@ -249,8 +249,7 @@ class PerturbationOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _restore(self, saved: list[Tensor]) -> None:
-        for p, s in zip(self._params(), saved, strict=True):
-            p.copy_(s)
+        torch._foreach_copy_(list(self._params()), saved)  # one multi-tensor op, bit-exact
 
     @torch.no_grad()
     def _perturb(self, saved: list[Tensor], e: list[Tensor | None]) -> None:

@@ -15,9 +15,10 @@ Why the estimate is unbiased for Gaussian u: a Taylor expansion gives
 is about ``sqrt(q / d)``; restricting ``u`` to the active weights of a sparse model
 shrinks ``d`` to the number of active weights.
 
-Directions are regenerated from a per-(seed, step, query) seed one parameter tensor at a
-time from a dedicated ``torch.Generator``: no d-sized buffer per query, the global RNG
-is never touched, and a resumed run draws the same directions as an uninterrupted one.
+Directions are drawn from a per-(seed, step, query) seed one parameter tensor at a time
+from a dedicated ``torch.Generator``, straight into the weights: no d-sized buffer per
+query, the global RNG is never touched, and a resumed run draws the same directions as
+an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ class ZOSAM(SeededStreams):
         **base_kwargs: hyperparameters of ``base_optimizer`` (``lr`` ...).
 
     Distributed: when ``torch.distributed`` is initialised, every rank draws the same
-    directions (same seed and step) and the query losses are averaged across ranks before
+    directions (same seed and step) and each query loss is averaged across ranks before
     ``e`` is formed, so all ranks perturb identically (2q scalars of communication).
 
     A step whose estimate is zero (all query losses equal) or not finite is taken without
@@ -157,69 +158,74 @@ class ZOSAM(SeededStreams):
         self.rho, self.mu, self.q = rho, mu, q
         self.difference, self.directions = difference, directions
         self.query_fraction, self.seed = query_fraction, seed
-        self._scales: dict[int, float] = {}  # per-query direction scale of the current step
 
-    # -- directions --------------------------------------------------------------------------
-    def _scale(self, seed: int) -> float:
-        """1 for Gaussian directions; sqrt(d) / ||z|| to put a sphere direction at radius sqrt(d)."""
-        if self.directions == "gaussian":
-            return 1.0
-        sq, d = 0.0, 0
-        for p, z in zip(self._params(), self._directions(seed), strict=True):
-            sq += float(z.float().pow(2).sum())
-            m = self.masks.get(p)
-            d += int(m.sum()) if m is not None else p.numel()
-        return math.sqrt(d / sq) if sq > 0 else 0.0
-
+    # -- the estimator -------------------------------------------------------------------------
     def _query_seeds(self) -> list[int]:
         return [derive_seed(self.seed, self.step_count, i) for i in range(self.q)]
 
-    # -- the estimator -------------------------------------------------------------------------
-    @torch.no_grad()
-    def _shift(self, saved: list[Tensor], seed: int, alpha: float) -> None:
-        """Set ``w = w0 + alpha * u`` from the saved weights (no drift across queries)."""
-        for p, w0, u in zip(self._params(), saved, self._directions(seed, self._scales[seed]), strict=True):
-            torch.add(w0, u, alpha=alpha, out=p)
-
-    def _query_coefficients(self, closure: Closure, saved: list[Tensor], seeds: list[int]) -> Tensor:
-        """Finite-difference coefficients ``c_i`` (a length-q tensor), averaged over ranks."""
-        f = self.query_fraction
-        losses = []
-        with self._frozen_batchnorm():
-            if self.difference == "forward":
-                losses.append(self._forward(closure, grad=False, fraction=f).detach().float())
-            for s in seeds:
-                self._shift(saved, s, self.mu)
-                losses.append(self._forward(closure, grad=False, fraction=f).detach().float())
-                if self.difference == "central":
-                    self._shift(saved, s, -self.mu)
-                    losses.append(self._forward(closure, grad=False, fraction=f).detach().float())
-        self._restore(saved)
-        losses_t = torch.stack(losses)
+    def _query_loss(self, closure: Closure) -> float:
+        """One no-grad query pass, averaged over ranks (every rank then perturbs alike)."""
+        loss = self._forward(closure, grad=False, fraction=self.query_fraction).detach().float()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(losses_t, op=dist.ReduceOp.SUM)
-            losses_t /= dist.get_world_size()
-        if self.difference == "central":
-            return (losses_t[0::2] - losses_t[1::2]) / (2 * self.mu)
-        return (losses_t[1:] - losses_t[0]) / self.mu
+            loss = loss.clone()
+            dist.all_reduce(loss, op=dist.ReduceOp.SUM)
+            loss /= dist.get_world_size()
+        return float(loss)
 
     @torch.no_grad()
-    def _combine(self, coeffs: Tensor, seeds: list[int]) -> list[Tensor] | None:
-        """``g_hat = (1/q) sum_i c_i u_i`` per tensor; ``None`` if zero or not finite."""
-        if not bool(torch.isfinite(coeffs).all()) or not bool((coeffs != 0).any()):
+    def _estimate(self, closure: Closure, saved: list[Tensor]) -> list[Tensor] | None:
+        """``g_hat = (1/q) sum_i c_i u_i``, one tensor per parameter; ``None`` if zero or not finite.
+
+        Each direction is drawn once, straight into the weights (``w = w0 + mu u``, one
+        parameter tensor at a time): the weights themselves hold the query's direction,
+        so no d-sized buffer is kept per query. The minus point is ``2 w0 - (w0 + mu u)``
+        and ``u`` is read back as ``(w - w0) / mu`` when it is added into ``g_hat`` (the
+        one d-sized buffer), all with multi-tensor ``_foreach`` ops; the rounding of the
+        read-back (about eps |w0| / mu relative) is far below the estimator's noise.
+        Leaves the weights at ``w0`` (copied back exactly from ``saved``).
+        """
+        params = list(self._params())
+        g_hat = [torch.zeros_like(p) for p in params]
+        d = self._active_count() if self.directions == "sphere" else 0
+        finite = True
+        with self._frozen_batchnorm():
+            l0 = self._query_loss(closure) if self.difference == "forward" else 0.0
+            for seed in self._query_seeds():
+                norms = []
+                for p, w0, u in zip(params, saved, self._directions(seed), strict=True):
+                    if d:
+                        norms.append(torch.linalg.vector_norm(u.float()))
+                    torch.add(w0, u, alpha=self.mu, out=p)
+                if d:  # rescale onto the sphere of radius sqrt(d): w = w0 + (w - w0) s
+                    z = float(torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms])))
+                    torch._foreach_sub_(params, saved)
+                    torch._foreach_mul_(params, math.sqrt(d) / z if z > 0 else 0.0)
+                    torch._foreach_add_(params, saved)
+                l_plus = self._query_loss(closure)
+                if self.difference == "central":
+                    torch._foreach_sub_(params, saved)  # w - w0 = mu u
+                    torch._foreach_neg_(params)
+                    torch._foreach_add_(params, saved)  # w = w0 - mu u
+                    c = (l_plus - self._query_loss(closure)) / (2 * self.mu)
+                    k = c / (self.q * self.mu)  # g_hat += (c / q) u, with u = (w0 - w) / mu
+                    torch._foreach_add_(g_hat, saved, alpha=k)
+                    torch._foreach_add_(g_hat, params, alpha=-k)
+                else:
+                    c = (l_plus - l0) / self.mu
+                    k = c / (self.q * self.mu)  # u = (w - w0) / mu
+                    torch._foreach_add_(g_hat, params, alpha=k)
+                    torch._foreach_add_(g_hat, saved, alpha=-k)
+                finite = finite and math.isfinite(c)
+        self._restore(saved)
+        if not finite:
             return None
-        c = (coeffs / self.q).tolist()
-        streams = [self._directions(s, self._scales[s]) for s in seeds]
-        g_hat = []
-        for _ in self._params():
-            g = next(streams[0]).mul_(c[0])
-            for ci, stream in zip(c[1:], streams[1:], strict=True):
-                g.add_(next(stream), alpha=ci)
-            g_hat.append(g)
-        norm_sq = sum(float(g.float().pow(2).sum()) for g in g_hat)
-        if not math.isfinite(norm_sq) or norm_sq == 0.0:
-            return None
-        return g_hat
+        norm = float(torch.linalg.vector_norm(torch.stack(
+            [n.float().to(params[0].device) for n in torch._foreach_norm(g_hat)])))
+        return g_hat if math.isfinite(norm) and norm > 0 else None
+
+    def _active_count(self) -> int:
+        """Number of perturbed weights (active weights of masked tensors, all of the others)."""
+        return sum(int(self.masks[p].sum()) if p in self.masks else p.numel() for p in self._params())
 
     def estimate_gradient(self, closure: Closure) -> list[Tensor] | None:
         """The RGE ``g_hat`` of the current step's directions, one tensor per parameter.
@@ -229,11 +235,9 @@ class ZOSAM(SeededStreams):
         """
         closure = self._check_closure(closure, self.query_fraction)
         counts = dict(self._counts)
-        seeds = self._query_seeds()
-        self._scales = {s: self._scale(s) for s in seeds}
         saved = self._save()
         try:
-            return self._combine(self._query_coefficients(closure, saved, seeds), seeds)
+            return self._estimate(closure, saved)
         finally:
             self._restore(saved)
             self._counts = counts
@@ -250,15 +254,15 @@ class ZOSAM(SeededStreams):
                 call ``scaler.update()`` after ``step`` as usual.
         """
         closure = self._check_closure(closure, self.query_fraction)
-        seeds = self._query_seeds()
-        self._scales = {s: self._scale(s) for s in seeds}
         saved = self._save()
-        g_hat = self._combine(self._query_coefficients(closure, saved, seeds), seeds)
+        g_hat = self._estimate(closure, saved)
         if g_hat is None:
             self.skipped_perturbations += 1
-        else:
-            norm = math.sqrt(sum(float(g.float().pow(2).sum()) for g in g_hat))
-            self._perturb(saved, [g.mul_(self.rho / norm) for g in g_hat])
+        else:  # w = w0 + rho g_hat / ||g_hat|| (the weights are at w0 exactly)
+            with torch.no_grad():
+                norm = torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(g_hat)]))
+                torch._foreach_mul_(g_hat, float(self.rho / norm))
+                torch._foreach_add_(list(self._params()), g_hat)
         del g_hat  # free the d-sized estimate before the backward pass
         loss = self._forward(closure, grad=True)
         self._backward(loss, scaler)
