@@ -9,7 +9,6 @@ file started; never ``ray stop`` (it would kill every Ray on the machine).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import signal
@@ -24,6 +23,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from proc_utils import descendants, kill_tree
 
 from zosam.config import RunConfig, load_config
 from zosam.engine import CHECKPOINT_FILE
@@ -99,35 +99,6 @@ def sweep_spec(name: str, **changes: Any) -> dict[str, Any]:
 
 
 # -- processes this file starts (the driver-kill test) --------------------------------------------
-def _descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (from /proc; psutil is not installed)."""
-    parent: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parent[int(stat.parent.name)] = int(fields[1])
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        kids = [c for c, pp in parent.items() if pp == p]
-        out += kids
-        todo += kids
-    return out
-
-
-def _kill_tree(proc: subprocess.Popen, known: set[int]) -> None:
-    """SIGKILL the process group we started (``start_new_session``) and every descendant we saw."""
-    known |= set(_descendants(proc.pid))
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    for pid in known:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
 def _sweep_cli(spec: Path, tmp: Path, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "zosam.cli", "sweep", str(spec), "--storage-path", str(tmp / "ray"),
            "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--num-cpus", "2", *extra]
@@ -157,14 +128,14 @@ def test_resume_after_the_driver_is_killed(tmp_path: Path) -> None:
         exp_dir = tmp_path / "ray" / "resume"
         # Kill once a trial has reported an epoch and Tune has saved its experiment state.
         while time.monotonic() < deadline and proc.poll() is None:
-            seen |= set(_descendants(proc.pid))
+            seen |= set(descendants(proc.pid))
             if any("epoch 2/3" in ln for ln in lines) and list(exp_dir.glob("experiment_state*.json")):
                 break
             time.sleep(0.2)
         assert proc.poll() is None, "the sweep ended before it could be killed:\n" + "".join(lines[-40:])
         assert time.monotonic() < deadline, "no trial reported in time:\n" + "".join(lines[-40:])
     finally:
-        _kill_tree(proc, seen)
+        kill_tree(proc, seen)
     done_before = sum("trials done" in ln for ln in lines)
     assert done_before >= 1
 
@@ -172,7 +143,7 @@ def test_resume_after_the_driver_is_killed(tmp_path: Path) -> None:
     try:
         out, _ = proc.communicate(timeout=420)
     finally:
-        _kill_tree(proc, set())
+        kill_tree(proc, set())
     assert proc.returncode == 0, out[-4000:]
     assert "resuming sweep 'resume'" in out
     import mlflow

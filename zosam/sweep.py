@@ -375,40 +375,42 @@ def run_sweep(spec_path: str | Path | dict[str, Any], *, address: str | None = N
               overrides: Sequence[str] = (), out: Any = print) -> SweepResult:
     """Run (or resume) a sweep; print a leaderboard; write the best config as YAML."""
     spec = load_spec(spec_path, overrides)  # all validation before Ray starts
-    from zosam.tracking import default_tracking_uri, ensure_experiment, is_local_uri
+    from zosam.tracking import default_tracking_uri, ensure_experiment
 
     uri = tracking_uri or spec.tracking.get("uri") or default_tracking_uri()
-    storage = Path(storage_path or spec.storage_path or "ray_results").resolve()
+    storage_uri = storage_path or spec.storage_path or "ray_results"
+    remote = "://" in storage_uri  # s3://, gs://: Ray's storage; sweep bookkeeping stays local
+    if not remote:
+        storage_uri = str(Path(storage_uri).resolve())
+    local = Path("sweep_outputs").resolve() if remote else Path(storage_uri)
     import ray
     from ray import tune
 
+    from zosam.cluster_checks import check_multi_node_settings
     from zosam.ray_train import connect_or_start
 
     started = connect_or_start(address, num_cpus=num_cpus or spec.ray.get("num_cpus"))
     try:
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
-        if len(nodes) > 1 and is_local_uri(uri):
-            raise ValueError(f"tracking uri {uri!r} is local to one machine but the Ray cluster has "
-                             f"{len(nodes)} nodes; pass --tracking-uri http://<mlflow-server>:5000")
+        check_multi_node_settings(uri, storage_uri, len([n for n in ray.nodes() if n.get("Alive")]))
         check_cluster_can_run(spec, ray.cluster_resources())
         ensure_experiment(uri, spec.tracking["experiment"])  # once, before trials race to create it
-        state = _sweep_state(storage, spec, uri, resume)
+        state = _sweep_state(local, spec, uri, resume)
         ctx = {"base": spec.base, "sweep": spec.name, "tracking_uri": uri, "parent_run_id": state["parent_run_id"],
-               "train_storage": str(storage / f"{spec.name}-train"), **spec.resources}
+               "train_storage": f"{storage_uri}/{spec.name}-train", **spec.resources}
         trainable = tune.with_resources(trial_function, _placement(spec))
-        exp_dir = storage / spec.name
-        if resume and tune.Tuner.can_restore(str(exp_dir)):
+        exp_dir = f"{storage_uri}/{spec.name}"
+        if resume and tune.Tuner.can_restore(exp_dir):
             out(f"resuming sweep {spec.name!r} from {exp_dir}")
-            tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
+            tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True,
                                        resume_errored=False, restart_errored=False,
                                        param_space={**_space(spec), "_zosam": ctx})
         else:
-            if exp_dir.exists() and not resume:
-                raise ValueError(f"a sweep named {spec.name!r} already exists in {storage}; use --resume to "
+            if not remote and Path(exp_dir).exists() and not resume:
+                raise ValueError(f"a sweep named {spec.name!r} already exists in {storage_uri}; use --resume to "
                                  "continue it, or --set name=<new name>")
-            tuner = _new_tuner(spec, trainable, ctx, storage, uri)
+            tuner = _new_tuner(spec, trainable, ctx, storage_uri, uri)
         grid = tuner.fit()
-        return _report(spec, grid, state["parent_run_id"], uri, storage, out)
+        return _report(spec, grid, state["parent_run_id"], uri, local, out, ray_dir=exp_dir)
     finally:
         if started:
             ray.shutdown()
@@ -428,7 +430,7 @@ def _placement(spec: SweepSpec):
     return tune.PlacementGroupFactory([{"CPU": r["cpus_per_trial"]}])
 
 
-def _new_tuner(spec: SweepSpec, trainable, ctx: dict[str, Any], storage: Path, uri: str):
+def _new_tuner(spec: SweepSpec, trainable, ctx: dict[str, Any], storage: str, uri: str):
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -456,13 +458,13 @@ def _new_tuner(spec: SweepSpec, trainable, ctx: dict[str, Any], storage: Path, u
         param_space={**_space(spec), "_zosam": ctx},
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=spec.num_trials,
                                     max_concurrent_trials=spec.resources["max_concurrent_trials"]),
-        run_config=tune.RunConfig(name=spec.name, storage_path=str(storage), verbose=0,
+        run_config=tune.RunConfig(name=spec.name, storage_path=storage, verbose=0,
                                   callbacks=[_make_callback(spec, uri)],
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
     )
 
 
-def _report(spec: SweepSpec, grid, parent_run_id: str, uri: str, storage: Path, out) -> SweepResult:
+def _report(spec: SweepSpec, grid, parent_run_id: str, uri: str, storage: Path, out, *, ray_dir: str) -> SweepResult:
     from zosam.tracking import RunLogger
 
     metrics = [o["metric"] for o in spec.objectives]
@@ -502,7 +504,7 @@ def _report(spec: SweepSpec, grid, parent_run_id: str, uri: str, storage: Path, 
     _log_sweep_plots(parent, trials, metrics, modes, list(spec.space), best)
     parent.log_dict({"trials": trials}, "trials.yaml")
     parent.end("finished")
-    out(f"results: Ray {storage / spec.name}; MLflow {uri} (experiment {spec.tracking['experiment']!r}, "
+    out(f"results: Ray {ray_dir}; MLflow {uri} (experiment {spec.tracking['experiment']!r}, "
         f"parent run {parent_run_id})")
     if uri.startswith("sqlite:"):
         out(f"look at it: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000  "

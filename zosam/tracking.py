@@ -23,11 +23,6 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
-def is_local_uri(uri: str) -> bool:
-    """True for stores that only this machine can reach (sqlite, file paths)."""
-    return uri.startswith(("sqlite:", "file:", "/", ".")) or "://" not in uri
-
-
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """``{"optimizer": {"rho": 0.05}}`` -> ``{"optimizer.rho": "0.05"}`` (MLflow params are strings)."""
     out: dict[str, str] = {}
