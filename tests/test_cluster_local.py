@@ -34,7 +34,7 @@ def _spec(name: str) -> dict:
         "name": name,
         "base": {"seed": 0, "epochs": 1, "max_steps_per_epoch": 3,
                  "data": {"name": "digits", "image_size": 8, "batch_size": 32, "eval_batch_size": 512},
-                 "model": {"name": "mlp", "in_features": 192, "hidden": [16]},
+                 "model": {"name": "mlp", "in_features": 192, "hidden": [16, 16]},
                  "optimizer": {"name": "zosam", "lr": 0.1, "rho": 0.05, "mu": 1e-3, "q": 1},
                  "sparse": {"method": "set", "density": 0.5, "update_interval": 2}},
         "space": {"optimizer.rho": {"loguniform": [0.01, 0.1]}},
@@ -49,8 +49,11 @@ def _children(uri: str, sweep: str):
     import mlflow
 
     mlflow.set_tracking_uri(uri)
+    parent = mlflow.search_runs(experiment_names=["cluster-test"],
+                                filter_string=f"tags.`zosam.sweep` = '{sweep}' and tags.`zosam.role` = 'sweep'")
+    assert len(parent) == 1
     return mlflow.search_runs(experiment_names=["cluster-test"],
-                              filter_string=f"tags.`zosam.sweep` = '{sweep}' and tags.`zosam.role` != 'sweep'")
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent['run_id'][0]}'")
 
 
 def _wait_for_head(env: dict, gcs: str, head: subprocess.Popen, timeout: float = 120) -> None:
@@ -65,9 +68,16 @@ def _wait_for_head(env: dict, gcs: str, head: subprocess.Popen, timeout: float =
 
 
 def test_ray_head_runs_a_driver_sweep_and_a_submitted_job(tmp_path: Path) -> None:
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1",
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # Token authentication, as on a real cluster: the head and every client (ray status,
+    # the zosam driver, ray job submit) use the token in ~/.ray/auth_token.
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
+           "PYTHONUNBUFFERED": "1", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
+    # `ray start` records its address in /tmp/ray/ray_current_cluster; put back what was there.
+    from ray._private.utils import get_ray_address_file
+
+    address_file = Path(get_ray_address_file(None))
+    previous = address_file.read_text() if address_file.is_file() else None
     port, dashboard = free_port(), free_port()
     gcs = f"127.0.0.1:{port}"
     head = subprocess.Popen(
@@ -105,3 +115,7 @@ def test_ray_head_runs_a_driver_sweep_and_a_submitted_job(tmp_path: Path) -> Non
         assert json.loads((tmp_path / "ray" / "as-job.zosam.json").read_text())["tracking_uri"] == uri
     finally:
         kill_tree(head)
+        if previous is None:
+            address_file.unlink(missing_ok=True)
+        else:
+            address_file.write_text(previous)

@@ -166,9 +166,8 @@ def test_resume_after_the_driver_is_killed(tmp_path: Path) -> None:
 def ray_local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """One local Ray (4 logical CPUs on loopback, dashboard on) for the module; its workers
     write their pid to ``$ZOSAM_PID_DIR/rank<r>.pid`` (the environment is inherited)."""
-    import ray
 
-    from zosam.ray_train import start_local_ray
+    from zosam.ray_train import start_local_ray, stop_local_ray
 
     pid_dir = tmp_path_factory.mktemp("pids")
     os.environ["ZOSAM_PID_DIR"] = str(pid_dir)
@@ -176,21 +175,26 @@ def ray_local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     try:
         yield pid_dir
     finally:
-        ray.shutdown()
+        stop_local_ray()
         os.environ.pop("ZOSAM_PID_DIR", None)
 
 
 def test_two_ray_train_workers_equal_one_process(ray_local: Path, tmp_path: Path) -> None:
     """DDP over gloo with per-worker batch B equals one process with batch 2B (no BatchNorm;
-    ZO-SAM with a RigL host): the loader's shards of a step make up the single batch."""
+    ZO-SAM on random static masks): the loader's shards of a step make up the single batch.
+
+    A data-driven host (RigL) is not used here: its drop/grow decisions are discontinuous,
+    so the last-bit differences of a two-rank gradient average can flip a near-tie and
+    move a few weights; that the ranks' masks agree with each other is tested in
+    tests/test_sparse_distributed.py."""
     from zosam.ray_train import make_trainer
 
-    cfg = run_dict("ddp", data__batch_size=16)
+    cfg = run_dict("ddp", data__batch_size=16, sparse__method="random")
     result = make_trainer(cfg, num_workers=2, use_gpu=False, name="ddp", storage_path=str(tmp_path / "ray")).fit()
     assert result.error is None
     with result.checkpoint.as_directory() as d:
         ddp = final_weights(d)
-    single = single_process(run_dict("single", data__batch_size=32), tmp_path / "single")
+    single = single_process(run_dict("single", data__batch_size=32, sparse__method="random"), tmp_path / "single")
     assert_same_weights(ddp, final_weights(tmp_path / "single"), rtol=1e-4, atol=1e-5)
     assert result.metrics["epoch"] == 2
     assert result.metrics["steps"] == single.summary["steps"] == 16

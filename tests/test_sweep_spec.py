@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 BASE: dict[str, Any] = {
     "name": "spec-test",
-    "base": {"epochs": 2, "data": {"name": "digits", "batch_size": 32}, "model": {"name": "mlp", "hidden": [16]},
+    "base": {"epochs": 2, "data": {"name": "digits", "batch_size": 32}, "model": {"name": "mlp", "hidden": [16, 16]},
              "optimizer": {"name": "zosam", "base": "sgd", "lr": 0.05, "rho": 0.05, "mu": 1e-3, "q": 1},
              "sparse": {"method": "rigl", "density": 0.2, "update_interval": 5}},
     "space": {"optimizer.rho": {"loguniform": [0.01, 0.3]}, "optimizer.q": {"choice": [1, 2]},

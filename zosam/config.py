@@ -279,6 +279,7 @@ class RunConfig:
             in_range("max_steps_per_epoch", cfg.max_steps_per_epoch, 1, integer=True)
         if not isinstance(cfg.name, str) or not cfg.name:
             raise ValueError(f"name={cfg.name!r} is invalid; must be a non-empty string")
+        _check_maskable(cfg)
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
@@ -287,6 +288,23 @@ class RunConfig:
             v = getattr(self, f.name)
             out[f.name] = v.to_dict() if hasattr(v, "to_dict") else v
         return out
+
+
+def _check_maskable(cfg: RunConfig) -> None:
+    """A sparse host needs prunable layers: checked on the meta device, before any data."""
+    if cfg.sparse.is_dense:
+        return
+    from zosam.models import MODELS
+    from zosam.sparse import maskable_parameters
+
+    with torch.device("meta"):
+        model = MODELS.get(cfg.model.name)(num_classes=10, **cfg.model.kwargs)
+    if not maskable_parameters(model, dense_first_layer=cfg.sparse.dense_first_layer,
+                               dense_classifier=cfg.sparse.dense_classifier):
+        raise ValueError(f"sparse.method={cfg.sparse.method!r} is invalid for model {cfg.model.name!r}: it has no "
+                         "prunable conv/linear layer besides the first layer and the classifier; use a deeper "
+                         "model, sparse.dense_first_layer=false or sparse.dense_classifier=false, or "
+                         "sparse.method=dense")
 
 
 def _section(name: str, d: dict[str, Any] | None):
@@ -312,13 +330,13 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _yaml_load(text: str) -> Any:
+def yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # safe: _Loader is a SafeLoader subclass
 
 
 def parse_value(text: str) -> Any:
     """Command-line override values are YAML scalars: ``0.05``, ``1e-3``, ``true``, ``null``, ``[1, 2]``."""
-    return _yaml_load(text)
+    return yaml_load(text)
 
 
 def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -345,7 +363,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"config file {str(p)!r} does not exist")
-        d = _yaml_load(p.read_text()) or {}
+        d = yaml_load(p.read_text()) or {}
         if not isinstance(d, dict):
             raise ValueError(f"{p}: a run config must be a mapping")
     return RunConfig.from_dict(apply_overrides(d, overrides or []))

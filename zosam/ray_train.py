@@ -31,17 +31,50 @@ def start_local_ray(num_cpus: int | None = None, num_gpus: int | None = None) ->
 
     The dashboard (``ray[default]``) must run: Ray Train's cleanup of a worker group whose
     Tune trial was stopped early goes through the state API it serves (stack.md, "the
-    early-stopping trap").
+    early-stopping trap"). That cleanup runs in an actor that finds the cluster without an
+    address: ``RAY_ADDRESS``, else the file ``/tmp/ray/ray_current_cluster``, which only
+    ``ray start`` writes. A file left by an earlier, stopped ``ray start`` points it at a
+    dead cluster and the stopped trial's resources are never freed; so this cluster is
+    recorded there too (as ``ray start`` would), and :func:`stop_local_ray` puts back
+    what was there.
     """
     import ray
 
+    global _previous_address
     os.environ.setdefault(LOOPBACK_ENV, "0")  # every Ray listener on 127.0.0.1
     ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True,
              dashboard_host="127.0.0.1", log_to_driver=False, configure_logging=False)
+    path = _address_file()
+    _previous_address = path.read_text() if path.is_file() else None
+    path.write_text(ray.get_runtime_context().gcs_address)
+
+
+def stop_local_ray() -> None:
+    """Shut down the Ray that :func:`start_local_ray` started and restore the address file."""
+    import ray
+
+    global _previous_address
+    ray.shutdown()
+    path = _address_file()
+    if _previous_address is None:
+        path.unlink(missing_ok=True)
+    else:
+        path.write_text(_previous_address)
+    _previous_address = None
+
+
+_previous_address: str | None = None
+
+
+def _address_file() -> Path:
+    from ray._private.utils import get_ray_address_file
+
+    return Path(get_ray_address_file(None))
 
 
 def connect_or_start(address: str | None, num_cpus: int | None = None) -> bool:
-    """Connect to ``address`` (``auto`` or ``host:port``) or start a local Ray; True if started here."""
+    """Connect to ``address`` (``auto`` or ``host:port``) or start a local Ray; True if started here
+    (then stop it with :func:`stop_local_ray`)."""
     import ray
 
     if ray.is_initialized():
@@ -162,7 +195,6 @@ def train_distributed(cfg: RunConfig, *, num_workers: int, use_gpu: bool = False
                       tracking_uri: str | None = None, resume: bool = False, checkpoint_dir: str | None = None,
                       max_failures: int = 2):
     """``zosam train --workers N``: the same run on N Ray Train workers (DDP)."""
-    import ray
 
     from zosam.runner import RunOutcome
     from zosam.tracking import default_tracking_uri
@@ -185,4 +217,4 @@ def train_distributed(cfg: RunConfig, *, num_workers: int, use_gpu: bool = False
         return RunOutcome("finished", dict(result.metrics or {}), checkpoint=None)
     finally:
         if started:
-            ray.shutdown()
+            stop_local_ray()

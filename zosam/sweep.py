@@ -38,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from zosam.config import RunConfig, apply_overrides
+from zosam.config import RunConfig, apply_overrides, yaml_load
 from zosam.validate import choice, in_range
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
@@ -84,15 +84,6 @@ def _keys(section: str, d: Any, allowed: set[str]) -> dict[str, Any]:
     return dict(d)
 
 
-def _get(d: dict[str, Any], dotted: str) -> Any:
-    node: Any = d
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            raise KeyError(dotted)
-        node = node[part]
-    return node
-
-
 def _check_distribution(key: str, dist: Any) -> None:
     if not isinstance(dist, dict) or len(dist) != 1:
         raise ValueError(f"space.{key} must be one of {{{' | '.join(DISTRIBUTIONS)}: ...}}")
@@ -130,7 +121,7 @@ def load_spec(path_or_dict: str | Path | dict[str, Any], overrides: Sequence[str
         p = Path(path_or_dict)
         if not p.is_file():
             raise FileNotFoundError(f"sweep spec {str(p)!r} does not exist")
-        raw, root = yaml.safe_load(p.read_text()) or {}, p.resolve().parent.parent
+        raw, root = yaml_load(p.read_text()) or {}, p.resolve().parent.parent
         if not isinstance(raw, dict):
             raise ValueError(f"{p}: a sweep spec must be a mapping")
     raw = apply_overrides(raw, list(overrides))
@@ -143,7 +134,7 @@ def load_spec(path_or_dict: str | Path | dict[str, Any], overrides: Sequence[str
         bp = Path(base) if Path(base).is_absolute() else root / base
         if not bp.is_file():
             raise ValueError(f"base={base!r}: no such run config file")
-        base = yaml.safe_load(bp.read_text()) or {}
+        base = yaml_load(bp.read_text()) or {}
     if not isinstance(base, dict):
         raise ValueError("base must be a run-config mapping or a path to one")
     base = apply_overrides(base, [f"{k}={json.dumps(v)}" for k, v in (raw.get("overrides") or {}).items()])
@@ -153,12 +144,12 @@ def load_spec(path_or_dict: str | Path | dict[str, Any], overrides: Sequence[str
     if not space:
         raise ValueError("space is empty: give at least one dotted run-config field to search")
     for key, dist in space.items():
-        try:
-            _get(RunConfig.from_dict(base).to_dict(), key)
-        except KeyError:
-            raise ValueError(f"space.{key} is not a field of the run config (e.g. optimizer.rho, "
-                             "sparse.density)") from None
         _check_distribution(key, dist)
+        try:  # optimizer fields depend on the optimizer class: ask the run config itself
+            RunConfig.from_dict(apply_overrides(base, [f"{key}={json.dumps(next(iter(dist.values()))[0])}"]))
+        except ValueError as e:
+            if str(e).startswith("unknown key") or "must be a mapping" in str(e):
+                raise ValueError(f"space.{key} is not a field of the run config ({e})") from None
     objectives = raw.get("objectives") or [{"metric": "test_acc", "mode": "max"}]
     for i, o in enumerate(objectives):
         o = _keys(f"objectives[{i}]", o, {"metric", "mode"})
@@ -235,6 +226,7 @@ def trial_function(config: dict[str, Any]) -> None:
     run_dict = apply_overrides(ctx["base"], [f"{k}={json.dumps(v)}" for k, v in params.items()])
     trial_id = tune.get_context().get_trial_id()
     run_dict["name"] = f"{ctx['sweep']}-{trial_id}"
+    run_dict.setdefault("tracking", {})["experiment"] = ctx["experiment"]  # children beside their parent
     tags = {"zosam.sweep": ctx["sweep"], "zosam.trial_id": trial_id}
     if ctx["workers_per_trial"] == 0:
         run_in_session(run_dict, report=tune.report, get_checkpoint=tune.get_checkpoint,
@@ -387,7 +379,7 @@ def run_sweep(spec_path: str | Path | dict[str, Any], *, address: str | None = N
     from ray import tune
 
     from zosam.cluster_checks import check_multi_node_settings
-    from zosam.ray_train import connect_or_start
+    from zosam.ray_train import connect_or_start, stop_local_ray
 
     started = connect_or_start(address, num_cpus=num_cpus or spec.ray.get("num_cpus"))
     try:
@@ -396,6 +388,7 @@ def run_sweep(spec_path: str | Path | dict[str, Any], *, address: str | None = N
         ensure_experiment(uri, spec.tracking["experiment"])  # once, before trials race to create it
         state = _sweep_state(local, spec, uri, resume)
         ctx = {"base": spec.base, "sweep": spec.name, "tracking_uri": uri, "parent_run_id": state["parent_run_id"],
+               "experiment": spec.tracking["experiment"],
                "train_storage": f"{storage_uri}/{spec.name}-train", **spec.resources}
         trainable = tune.with_resources(trial_function, _placement(spec))
         exp_dir = f"{storage_uri}/{spec.name}"
@@ -413,7 +406,7 @@ def run_sweep(spec_path: str | Path | dict[str, Any], *, address: str | None = N
         return _report(spec, grid, state["parent_run_id"], uri, local, out, ray_dir=exp_dir)
     finally:
         if started:
-            ray.shutdown()
+            stop_local_ray()
 
 
 def _space(spec: SweepSpec) -> dict[str, Any]:

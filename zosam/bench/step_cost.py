@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 
 from zosam.bench import emit
+from zosam.config import parse_value
 from zosam.models import create_model
 from zosam.optim import OPTIMIZERS, PerturbationOptimizer, make_closure
 
@@ -48,7 +48,7 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
         key, eq, value = item.partition("=")
         if not eq:
             raise ValueError(f"method {spec!r}: expected key=value, got {item!r}")
-        kwargs[key.strip()] = yaml.safe_load(value)
+        kwargs[key.strip()] = parse_value(value)
     OPTIMIZERS.get(name)  # unknown names fail here, listing the allowed ones
     return name, kwargs
 

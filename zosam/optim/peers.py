@@ -379,27 +379,14 @@ class GSAM(SAM):
             if p.grad is not None and gi is not None:
                 p.grad.mul_(1.0 + self.alpha * c).add_(gi, alpha=-self.alpha)
 
-    def step(self, closure: Closure | None = None, *, scaler: torch.amp.GradScaler | None = None) -> Tensor:  # type: ignore[override]
-        """One GSAM step; returns the loss at ``w + e``."""
-        closure = self._check_closure(closure)
+    # SAM's step with GSAM's two hooks: rho from the current lr and a copy of ``g`` before
+    # the ascent, the surrogate-gap gradient after the second backward.
+    def _first_gradient(self) -> Grads:
         self.rho = self.scheduled_rho()
-        saved = self._save()
-        with self._frozen_batchnorm():
-            self._backward(self._forward(closure, grad=True), scaler)
-        g = _clone_grads(list(self._params()))
-        e = self._ascent()
-        if e is None:
-            self.skipped_perturbations += 1
-        else:
-            self._perturb(saved, e)
-        del e
-        loss = self._forward(closure, grad=True)
-        self._backward(loss, scaler)
-        self._restore(saved)
-        self._surrogate_gap_gradient(g)
-        del g
-        self._update(scaler)
-        return loss.detach()
+        return _clone_grads(list(self._params()))
+
+    def _combine_gradients(self, first: Grads) -> None:
+        self._surrogate_gap_gradient(first)
 
     def _wrapper_state(self) -> dict[str, Any]:
         return {**super()._wrapper_state(), "lr_max": self.lr_max}

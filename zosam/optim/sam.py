@@ -125,6 +125,7 @@ class SAM(PerturbationOptimizer):
         saved = self._save()
         with self._frozen_batchnorm():
             self._backward(self._forward(closure, grad=True), scaler)
+        first = self._first_gradient()
         e = self._ascent()
         if e is None:
             self.skipped_perturbations += 1
@@ -134,5 +135,14 @@ class SAM(PerturbationOptimizer):
         loss = self._forward(closure, grad=True)
         self._backward(loss, scaler)
         self._restore(saved)
+        self._combine_gradients(first)
+        del first
         self._update(scaler)
         return loss.detach()
+
+    def _first_gradient(self) -> Any:
+        """Hook for variants (GSAM): what to keep of the gradient at ``w``; SAM keeps nothing."""
+        return None
+
+    def _combine_gradients(self, first: Any) -> None:
+        """Hook for variants (GSAM): turn ``.grad`` (the gradient at ``w + e``) into the update."""
