@@ -242,6 +242,26 @@ def test_divergence_fails_cleanly_with_a_reason(tmp_path: Path, store: str, expe
     assert r.data.metrics["diverged_at_step"] < 8
 
 
+@pytest.mark.parametrize(("code", "status", "mlflow_status"), [(0, "stopped_early", "KILLED"),
+                                                              (143, "failed", "FAILED")])
+def test_a_run_stopped_from_outside_records_how_it_ended(tmp_path: Path, store: str, experiment: str,
+                                                         code: int, status: str, mlflow_status: str) -> None:
+    """Ray Tune stops a trial with ``sys.exit(0)`` inside its report (an early stop); the
+    CLI turns SIGTERM into ``sys.exit(143)`` (a kill). Neither may leave the run RUNNING
+    or call an early stop a failure."""
+    cfg = load_config(None, [*overrides(TINY), f"tracking.experiment={experiment}"])
+
+    def stop(trainer, res, path, logger) -> None:
+        raise SystemExit(code)
+
+    with pytest.raises(SystemExit):
+        run(cfg, checkpoint_dir=tmp_path / "ckpt", tracking_uri=store, on_epoch=stop)
+    (r,) = runs_of(experiment)
+    assert r.info.status == mlflow_status
+    assert r.data.tags["zosam.status"] == status
+    assert ("after epoch 1" if code == 0 else "status 143") in r.data.tags["zosam.failure_reason"]
+
+
 def test_cli_exit_code_3_on_divergence(tmp_path: Path, store: str, experiment: str,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["train", *DIVERGING, f"tracking.experiment={experiment}", "--checkpoint-dir", str(tmp_path / "ckpt")])

@@ -8,6 +8,7 @@ naming the field; a diverged run exits with status 3.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -107,6 +108,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM (a scheduler's preemption, `kill`) unwinds like an exit, so a run records
+    # its end in MLflow instead of staying RUNNING.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     handler = {"train": _cmd_train, "sweep": _cmd_sweep, "compare": _cmd_compare, "bench": _cmd_bench}
     try:
         return handler[args.command](args)

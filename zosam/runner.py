@@ -119,6 +119,12 @@ def run(
         if log and trainer.rank == 0:
             log(f"\nrun {cfg.name!r} FAILED: {e}")
         return RunOutcome("failed", {}, str(e), logger.run_id if logger else None)
+    except SystemExit as e:  # Ray Tune stops a trial with sys.exit(0) inside its report
+        if logger is not None:
+            stopped = e.code in (0, None)
+            logger.end("stopped_early" if stopped else "failed",
+                       f"stopped after epoch {len(trainer.history)}" if stopped else f"exited with status {e.code}")
+        raise
     except BaseException as e:  # anything else: record why, then let it propagate
         if logger is not None:
             logger.end("failed", f"{type(e).__name__}: {e}")
