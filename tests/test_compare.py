@@ -25,11 +25,11 @@ from zosam.compare import (
     compare,
     group_runs,
     key_columns,
-    pareto_front,
     parse_tags,
     varying_params,
 )
 from zosam.config import RunConfig
+from zosam.pareto import pareto_front
 from zosam.runner import run
 from zosam.tracking import RunLogger
 
@@ -272,7 +272,7 @@ def test_grouping_by_hand() -> None:
 def test_pareto_front_by_hand() -> None:
     # (cost, accuracy): 1 is dominated by 0 (cheaper, as good), 3 by 2.
     pts = [(1.0, 0.8), (2.0, 0.8), (3.0, 0.9), (4.0, 0.85), (5.0, 0.95), (0.5, 0.1)]
-    assert pareto_front(pts) == [5, 0, 2, 4]
+    assert sorted(pareto_front(pts, ("min", "max")), key=lambda i: pts[i][0]) == [5, 0, 2, 4]
 
 
 def test_parse_tags() -> None:

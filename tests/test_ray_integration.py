@@ -27,7 +27,7 @@ from proc_utils import descendants, kill_tree
 
 from zosam.config import RunConfig, load_config
 from zosam.engine import CHECKPOINT_FILE
-from zosam.sweep import pareto_front
+from zosam.pareto import pareto_front
 
 pytestmark = pytest.mark.ray
 

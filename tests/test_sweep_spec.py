@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
-from zosam.sweep import check_cluster_can_run, load_spec, pareto_front, trial_resources
+from zosam.pareto import pareto_front
+from zosam.sweep import check_cluster_can_run, load_spec, trial_resources
 
 ROOT = Path(__file__).resolve().parent.parent
 

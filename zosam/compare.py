@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zosam.pareto import pareto_front
 from zosam.validate import choice
 
 ROLE_TAG = "zosam.role"
@@ -393,19 +394,6 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
 
 # ----------------------------------------------------------------------------- plots
 
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point dominates, for (cost: lower is better,
-    accuracy: higher is better), sorted by cost. Ties on both keep the first."""
-    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
-    front, best = [], -math.inf
-    # Sweeping by increasing cost, a point is on the front iff it beats every cheaper one.
-    for i in order:
-        if points[i][1] > best:
-            front.append(i)
-            best = points[i][1]
-    return front
-
-
 def _label(g: Group, columns: Sequence[str]) -> str:
     parts = [f"{_short(c)}={v}" for c, v in g.key if c != "optimizer" and v is not None and c in columns]
     return f"{g.value('optimizer')} " + " ".join(parts)
@@ -468,7 +456,8 @@ def plot_accuracy_vs_cost(groups: Sequence[Group], columns: Sequence[str], path:
         by_opt.setdefault(p[2].value("optimizer") or "?", []).append(p)
     for name, ps in sorted(by_opt.items()):
         ax.plot([p[0] for p in ps], [p[1] for p in ps], "o", alpha=0.7, label=name)
-    front = [pts[i] for i in pareto_front([(p[0], p[1]) for p in pts])]
+    front = sorted((pts[i] for i in pareto_front([(p[0], p[1]) for p in pts], ("min", "max"))),
+                   key=lambda p: p[0])  # cheapest first, for the step line
     if front:
         ax.step([p[0] for p in front], [p[1] for p in front], "r--", where="post", lw=1)
         ax.plot([p[0] for p in front], [p[1] for p in front], "o", mfc="none", mec="red", ms=11,
