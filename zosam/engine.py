@@ -12,6 +12,7 @@ schedule, with the dense gradients of this step) -> LR scheduler.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -248,10 +249,11 @@ class Trainer:
             loss_sum += value * len(y)
             correct += stats.get("correct", 0.0)
             seen += len(y)
-            if self.log and _tty() and i % 10 == 0:
+            if self.log and _tty() and i % 10 == 0:  # a live line on a terminal, nothing in logs
                 rate = seen * self.world_size / (time.perf_counter() - t0)
-                self.log(f"\r  epoch {epoch + 1}/{self.cfg.epochs}  step {i + 1}/{self.steps_per_epoch}  "
-                         f"loss {loss_sum / seen:.4f}  acc {correct / seen:.3f}  {rate:.0f} img/s")
+                sys.stderr.write(f"\r  epoch {epoch + 1}/{self.cfg.epochs}  step {i + 1}/{self.steps_per_epoch}  "
+                                 f"loss {loss_sum / seen:.4f}  acc {correct / seen:.3f}  {rate:.0f} img/s\x1b[K")
+                sys.stderr.flush()
         totals = self._all_reduce([loss_sum, correct, float(seen)])
         elapsed = time.perf_counter() - t0
         self.train_time_s += elapsed
@@ -324,7 +326,9 @@ class Trainer:
                 path = self.save_checkpoint(epoch)
             if self.log:
                 test = f"  test_acc {res.test_acc:.4f}" if res.test_acc is not None else ""
-                self.log(f"\repoch {epoch + 1}/{self.cfg.epochs}  loss {res.train_loss:.4f}  "
+                if _tty():
+                    sys.stderr.write("\r\x1b[K")  # clear the live line
+                self.log(f"epoch {epoch + 1}/{self.cfg.epochs}  loss {res.train_loss:.4f}  "
                          f"train_acc {res.train_acc:.4f}{test}  {res.images / res.epoch_time_s:.0f} img/s  "
                          f"({res.epoch_time_s:.1f} s)")
             if self.on_epoch:
@@ -390,6 +394,4 @@ def _loss(label_smoothing: float) -> Callable[..., Tensor]:
 
 
 def _tty() -> bool:
-    import sys
-
     return sys.stderr.isatty()
