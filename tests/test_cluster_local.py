@@ -73,6 +73,10 @@ def test_ray_head_runs_a_driver_sweep_and_a_submitted_job(tmp_path: Path) -> Non
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
            "PYTHONUNBUFFERED": "1", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
+    # `ray start` with token auth needs a token; the README's way to make one (a no-op when
+    # ~/.ray/auth_token exists, as after any earlier local Ray).
+    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True,
+                   timeout=120)
     # `ray start` records its address in /tmp/ray/ray_current_cluster; put back what was there.
     from ray._private.utils import get_ray_address_file
 
