@@ -8,27 +8,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import batch, mlp
 from torch import nn
 
 from zosam.optim import OPTIMIZERS, SAM, ZOSAM, FirstOrder, make_closure
-
-
-def _mlp(seed: int = 0, bn: bool = False) -> nn.Module:
-    layers: list[nn.Module] = [nn.Linear(6, 8)]
-    if bn:
-        layers.append(nn.BatchNorm1d(8))
-    layers += [nn.ReLU(), nn.Linear(8, 3)]
-    model = nn.Sequential(*layers)
-    g = torch.Generator().manual_seed(seed)  # explicit init: the global RNG is never seeded
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return model
-
-
-def _batch(seed: int, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
 
 
 def _zosam(model: nn.Module, **kw) -> ZOSAM:
@@ -134,17 +117,17 @@ def test_asam_perturbation_matches_hand_computation() -> None:
     (1, "central", 2), (4, "central", 8), (1, "forward", 2), (3, "forward", 4),
 ])
 def test_zosam_pass_counts(q: int, difference: str, expected_no_grad: int) -> None:
-    model = _mlp()
+    model = mlp()
     opt = _zosam(model, q=q, difference=difference)
-    x, y = _batch(0)
+    x, y = batch(0)
     for _ in range(3):
         opt.step(make_closure(model, F.cross_entropy, x, y))
     assert opt.pass_counts == {"forward": 3, "forward_no_grad": 3 * expected_no_grad, "backward": 3}
 
 
 def test_sgd_wrapper_pass_counts_and_update() -> None:
-    model, ref = _mlp(), _mlp()
-    x, y = _batch(0)
+    model, ref = mlp(), mlp()
+    x, y = batch(0)
     opt = FirstOrder(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
     for _ in range(3):
@@ -159,12 +142,12 @@ def test_sgd_wrapper_pass_counts_and_update() -> None:
 
 @pytest.mark.parametrize("name", ["sgd", "sam", "zosam"])
 def test_masked_weights_stay_zero_and_are_never_perturbed(name: str) -> None:
-    model = _mlp()
+    model = mlp()
     w = model[0].weight
     mask = torch.rand(w.shape, generator=torch.Generator().manual_seed(1)) > 0.5
     opt = OPTIMIZERS.get(name)(model.parameters(), torch.optim.SGD, model=model, lr=0.1, momentum=0.9)
     opt.set_masks({w: mask})
-    x, y = _batch(0)
+    x, y = batch(0)
     pruned_values = []
 
     def closure(fraction: float = 1.0) -> torch.Tensor:
@@ -180,14 +163,14 @@ def test_masked_weights_stay_zero_and_are_never_perturbed(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["sam", "zosam"])
 def test_batchnorm_statistics_change_only_in_final_pass(name: str) -> None:
-    model = _mlp(bn=True)
+    model = mlp(bn=True)
     bn = model[1]
     opt = OPTIMIZERS.get(name)(model.parameters(), torch.optim.SGD, model=model, lr=0.1)
     before = bn.running_mean.clone()
     after_each_pass = []
     bn.register_forward_hook(lambda m, i, o: after_each_pass.append(
         (m.running_mean.clone(), int(m.num_batches_tracked))))
-    x, y = _batch(0)
+    x, y = batch(0)
     opt.step(make_closure(model, F.cross_entropy, x, y))
     *earlier, final = after_each_pass
     assert len(earlier) >= 1
@@ -198,10 +181,10 @@ def test_batchnorm_statistics_change_only_in_final_pass(name: str) -> None:
 
 
 def test_zosam_restores_weights_bit_exactly() -> None:
-    model = _mlp(bn=True)
+    model = mlp(bn=True)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     opt = _zosam(model, q=3, mu=0.37, lr=0.0)  # a large mu makes inexact restores visible
-    x, y = _batch(0)
+    x, y = batch(0)
     assert opt.estimate_gradient(make_closure(model, F.cross_entropy, x, y)) is not None
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
@@ -212,10 +195,10 @@ def test_zosam_restores_weights_bit_exactly() -> None:
 
 
 def _train(opt_factory, steps: int, model: nn.Module | None = None, opt=None, start: int = 0):
-    model = model or _mlp()
+    model = model or mlp()
     opt = opt or opt_factory(model)
     for i in range(start, start + steps):
-        x, y = _batch(100 + i)
+        x, y = batch(100 + i)
         opt.step(make_closure(model, F.cross_entropy, x, y))
     return model, opt
 
@@ -241,7 +224,7 @@ def test_resume_equals_uninterrupted(base) -> None:
     torch.save({"model": half.state_dict(), "opt": half_opt.state_dict()}, buf)
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)
-    resumed = _mlp(seed=99)
+    resumed = mlp(seed=99)
     resumed.load_state_dict(ckpt["model"])
     resumed_opt = factory(resumed)
     resumed_opt.load_state_dict(ckpt["opt"])
@@ -253,19 +236,19 @@ def test_resume_equals_uninterrupted(base) -> None:
 
 
 def test_lr_scheduler_attaches_to_wrapper_and_acts_on_base() -> None:
-    model = _mlp()
+    model = mlp()
     opt = _zosam(model, lr=0.1, momentum=0.9)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-    x, y = _batch(0)
+    x, y = batch(0)
     opt.step(make_closure(model, F.cross_entropy, x, y))
     sched.step()
     assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
 
 
 def test_query_fraction_uses_a_prefix_of_the_batch() -> None:
-    model = _mlp()
+    model = mlp()
     sizes = []
-    x, y = _batch(0, n=16)
+    x, y = batch(0, n=16)
     base = make_closure(model, F.cross_entropy, x, y)
 
     def closure(fraction: float = 1.0) -> torch.Tensor:
@@ -279,9 +262,9 @@ def test_query_fraction_uses_a_prefix_of_the_batch() -> None:
 
 
 def test_zero_or_nonfinite_estimate_skips_perturbation_and_never_nans() -> None:
-    model = _mlp()
+    model = mlp()
     opt = _zosam(model)
-    x, y = _batch(0)
+    x, y = batch(0)
     seen = []
 
     def flat(fraction: float = 1.0) -> torch.Tensor:  # constant queries -> zero estimate
@@ -304,8 +287,8 @@ def test_zero_or_nonfinite_estimate_skips_perturbation_and_never_nans() -> None:
 
 
 def test_bfloat16_autocast_and_grad_scaler_on_cpu() -> None:
-    model = _mlp()
-    x, y = _batch(0, n=64)
+    model = mlp()
+    x, y = batch(0, n=64)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     opt = _zosam(model, q=2, max_grad_norm=1.0, momentum=0.9)
     closure = make_closure(model, F.cross_entropy, x, y,
@@ -335,13 +318,13 @@ def test_gradient_clipping_bounds_the_applied_update() -> None:
     ({"query_fraction": 1.5}, "query_fraction"), ({"seed": -1}, "seed"),
 ])
 def test_zosam_bad_arguments_name_the_field(kwargs: dict, field: str) -> None:
-    model = _mlp()
+    model = mlp()
     with pytest.raises(ValueError, match=rf"^{field}="):
         ZOSAM(model.parameters(), torch.optim.SGD, model=model, lr=0.1, **kwargs)
 
 
 def test_sam_bad_arguments_and_missing_model() -> None:
-    model = _mlp()
+    model = mlp()
     with pytest.raises(ValueError, match=r"^rho="):
         SAM(model.parameters(), torch.optim.SGD, rho=0.0, model=model, lr=0.1)
     with pytest.raises(ValueError, match="base_optimizer"):

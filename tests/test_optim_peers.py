@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import batch, mlp
 from torch import nn
 
 from zosam.optim import ESAM, GSAM, OPTIMIZERS, RWP, SAM, ZOSAM, LookSAM, derive_seed, make_closure
@@ -15,22 +16,7 @@ from zosam.optim import ESAM, GSAM, OPTIMIZERS, RWP, SAM, ZOSAM, LookSAM, derive
 PEERS = ["esam", "looksam", "gsam", "rwp"]
 
 
-def _mlp(seed: int = 0, bn: bool = False) -> nn.Module:
-    layers: list[nn.Module] = [nn.Linear(6, 8)]
-    if bn:
-        layers.append(nn.BatchNorm1d(8))
-    layers += [nn.ReLU(), nn.Linear(8, 3)]
-    model = nn.Sequential(*layers)
-    g = torch.Generator().manual_seed(seed)  # explicit init: the global RNG is never seeded
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return model
 
-
-def _batch(seed: int, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
 
 
 def _peer(name: str, model: nn.Module, **kw):
@@ -147,10 +133,10 @@ def test_gsam_matches_hand_computation_with_rho_from_the_current_lr() -> None:
 
 
 def test_gsam_rho_follows_an_lr_scheduler_on_the_wrapper() -> None:
-    model = _mlp()
+    model = mlp()
     opt = GSAM(model.parameters(), torch.optim.SGD, rho_max=0.08, rho_min=0.02, model=model, lr=0.2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-    x, y = _batch(0)
+    x, y = batch(0)
     rhos = []
     for _ in range(3):
         opt.step(make_closure(model, F.cross_entropy, x, y))
@@ -179,10 +165,10 @@ def test_rwp_matches_hand_computation() -> None:
 
 
 def test_rwp_direction_is_zosam_direction_without_the_sign() -> None:
-    x, y = _batch(0)
+    x, y = batch(0)
     perturbations = {}
     for name, cls in (("rwp", RWP), ("zosam", ZOSAM)):
-        model = _mlp()
+        model = mlp()
         w0 = torch.cat([p.detach().view(-1) for p in model.parameters()])
         seen = []
 
@@ -206,11 +192,11 @@ def test_rwp_direction_is_zosam_direction_without_the_sign() -> None:
     ("gsam", {"alpha": 0.0, "rho_min": 0.05, "rho_max": 0.05}),
 ])
 def test_peer_reduces_to_sam_bit_exactly(name: str, kwargs: dict) -> None:
-    a, b = _mlp(bn=True), _mlp(bn=True)
+    a, b = mlp(bn=True), mlp(bn=True)
     opt_a = _peer(name, a, momentum=0.9, **kwargs)
     opt_b = SAM(b.parameters(), torch.optim.SGD, rho=0.05, model=b, lr=0.1, momentum=0.9)
     for i in range(3):
-        x, y = _batch(i)
+        x, y = batch(i)
         opt_a.step(make_closure(a, F.cross_entropy, x, y))
         opt_b.step(make_closure(b, F.cross_entropy, x, y))
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
@@ -227,9 +213,9 @@ def test_peer_reduces_to_sam_bit_exactly(name: str, kwargs: dict) -> None:
     ("rwp", {}, {"forward": 4, "forward_no_grad": 0, "backward": 4}),
 ])
 def test_pass_counts(name: str, kwargs: dict, per_run: dict) -> None:
-    model = _mlp()
+    model = mlp()
     opt = _peer(name, model, **kwargs)
-    x, y = _batch(0)
+    x, y = batch(0)
     for _ in range(4):
         opt.step(make_closure(model, F.cross_entropy, x, y))
     assert opt.pass_counts == per_run
@@ -237,12 +223,12 @@ def test_pass_counts(name: str, kwargs: dict, per_run: dict) -> None:
 
 @pytest.mark.parametrize("name", PEERS)
 def test_masked_weights_stay_zero_and_are_never_perturbed(name: str) -> None:
-    model = _mlp()
+    model = mlp()
     w = model[0].weight
     mask = torch.rand(w.shape, generator=torch.Generator().manual_seed(1)) > 0.5
     opt = _peer(name, model, momentum=0.9, **({"k": 2} if name == "looksam" else {}))
     opt.set_masks({w: mask})
-    x, y = _batch(0)
+    x, y = batch(0)
     base = make_closure(model, F.cross_entropy, x, y)
     pruned_values = []
 
@@ -260,14 +246,14 @@ def test_masked_weights_stay_zero_and_are_never_perturbed(name: str) -> None:
 
 @pytest.mark.parametrize(("name", "earlier_passes"), [("esam", 2), ("looksam", 1), ("gsam", 1), ("rwp", 0)])
 def test_batchnorm_statistics_change_only_in_final_pass(name: str, earlier_passes: int) -> None:
-    model = _mlp(bn=True)
+    model = mlp(bn=True)
     bn = model[1]
     opt = _peer(name, model)
     before = bn.running_mean.clone()
     after_each_pass = []
     bn.register_forward_hook(lambda m, i, o: after_each_pass.append(
         (m.running_mean.clone(), int(m.num_batches_tracked))))
-    x, y = _batch(0)
+    x, y = batch(0)
     opt.step(make_closure(model, F.cross_entropy, x, y))
     *earlier, final = after_each_pass
     assert len(earlier) == earlier_passes
@@ -283,11 +269,11 @@ def _schedule(opt, i: int) -> None:
 
 
 def _train(name: str, steps: int, model=None, opt=None, start: int = 0, **kw):
-    model = model or _mlp(bn=True)
+    model = model or mlp(bn=True)
     opt = opt or _peer(name, model, **kw)
     for i in range(start, start + steps):
         _schedule(opt, i)
-        x, y = _batch(100 + i)
+        x, y = batch(100 + i)
         opt.step(make_closure(model, F.cross_entropy, x, y))
     return model, opt
 
@@ -322,7 +308,7 @@ def test_resume_equals_uninterrupted(name: str) -> None:
     torch.save({"model": half.state_dict(), "opt": half_opt.state_dict()}, buf)
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)
-    resumed = _mlp(seed=99, bn=True)
+    resumed = mlp(seed=99, bn=True)
     resumed.load_state_dict(ckpt["model"])
     # A different constructor lr: everything the step needs must come from the checkpoint.
     resumed_opt = _peer(name, resumed, **{**kw, "lr": 0.3})
@@ -337,8 +323,8 @@ def test_resume_equals_uninterrupted(name: str) -> None:
 
 @pytest.mark.parametrize("name", PEERS)
 def test_grad_scaler_and_bfloat16_autocast_on_cpu(name: str) -> None:
-    model = _mlp()
-    x, y = _batch(0, n=64)
+    model = mlp()
+    x, y = batch(0, n=64)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     opt = _peer(name, model, max_grad_norm=1.0, momentum=0.9)
     closure = make_closure(model, F.cross_entropy, x, y, autocast=torch.autocast("cpu", dtype=torch.bfloat16))
@@ -352,8 +338,8 @@ def test_grad_scaler_and_bfloat16_autocast_on_cpu(name: str) -> None:
 
 # -- closures -----------------------------------------------------------------------------------
 def test_make_closure_indices_and_per_sample_losses() -> None:
-    model = _mlp()
-    x, y = _batch(0)
+    model = mlp()
+    x, y = batch(0)
     closure = make_closure(model, F.cross_entropy, x, y)
     idx = torch.tensor([1, 4, 9])
     per_sample = closure(reduction="none")
@@ -368,8 +354,8 @@ def test_make_closure_indices_and_per_sample_losses() -> None:
 
 
 def test_esam_data_selection_needs_a_per_sample_closure() -> None:
-    model = _mlp()
-    x, y = _batch(0)
+    model = mlp()
+    x, y = batch(0)
     opt = _peer("esam", model)
     with pytest.raises(ValueError, match=r"gamma < 1 needs a closure that accepts `reduction=` and `indices=`"):
         opt.step(lambda: F.cross_entropy(model(x), y))
@@ -394,13 +380,13 @@ def test_esam_data_selection_needs_a_per_sample_closure() -> None:
     ("rwp", {"max_grad_norm": 0.0}, "max_grad_norm"),
 ])
 def test_bad_arguments_name_the_field(name: str, kwargs: dict, field: str) -> None:
-    model = _mlp()
+    model = mlp()
     with pytest.raises(ValueError, match=rf"^{field}="):
         _peer(name, model, **kwargs)
 
 
 @pytest.mark.parametrize("name", PEERS)
 def test_model_keyword_is_required(name: str) -> None:
-    model = _mlp()
+    model = mlp()
     with pytest.raises(TypeError, match="model"):
         OPTIMIZERS.get(name)(model.parameters(), torch.optim.SGD, lr=0.1)

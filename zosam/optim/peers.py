@@ -262,22 +262,13 @@ class LookSAM(SAM):
             self._add_orthogonal()
             self._update(scaler)
             return loss.detach()
-        saved = self._save()
-        with self._frozen_batchnorm():
-            self._backward(self._forward(closure, grad=True), scaler)
-        g = _clone_grads(list(self._params()))
-        e = self._ascent()
-        if e is None:
-            self.skipped_perturbations += 1
-        else:
-            self._perturb(saved, e)
-        del e
-        loss = self._forward(closure, grad=True)
-        self._backward(loss, scaler)
-        self._restore(saved)
-        self.orthogonal = self._orthogonal_component(g)  # None after a skipped perturbation
-        self._update(scaler)
-        return loss.detach()
+        return super().step(closure, scaler=scaler)  # a SAM step, storing g_v via the hooks
+
+    def _first_gradient(self) -> Grads:
+        return _clone_grads(list(self._params()))
+
+    def _combine_gradients(self, first: Grads) -> None:
+        self.orthogonal = self._orthogonal_component(first)  # None after a skipped perturbation
 
     def _wrapper_state(self) -> dict[str, Any]:
         return {**super()._wrapper_state(), "orthogonal": self.orthogonal}
