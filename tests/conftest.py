@@ -5,9 +5,11 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from zosam.data.config import default_archive
 
@@ -29,6 +31,16 @@ def cifar_jpeg_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 info.size = len(data)
                 tout.addfile(info, io.BytesIO(data))
     return out
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread for the test: on tiny tensors intra-op threads only add contention
+    on a 2-core machine. Modules opt in with ``pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture

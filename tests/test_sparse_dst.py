@@ -4,7 +4,6 @@ optimizer step (SGD, SAM, ZO-SAM), zero-initialised growth with reset optimizer 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -55,13 +54,7 @@ def sparse_config(method: str, **kw: object) -> SparsityConfig:
     return SparsityConfig(**base)
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("method", ["rigl", "set", "mest"])

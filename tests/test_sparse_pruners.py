@@ -3,8 +3,6 @@ useless one; SynFlow keeps every ResNet-32 layer connected at 98 % sparsity."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,12 +23,7 @@ IMPORTANT = (0, 0)  # first-layer weight from the informative input 0 to hidden 
 USELESS = (3, 3)  # from input 3 (always zero) to hidden unit 3 (no outgoing weight)
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def planted() -> nn.Sequential:
