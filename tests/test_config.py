@@ -72,6 +72,8 @@ BAD = [
     (["epochs=2.5"], "epochs=2.5 "),
     (["seed=-1"], "seed=-1 "),
     (["amp=fp8"], "amp='fp8' "),
+    (["dtype=float16"], "dtype='float16' "),
+    (["dtype=float64", "amp=bf16"], "amp='bf16' is invalid with dtype='float64'"),
     (["device=tpu"], "device='tpu' "),
     (["label_smoothing=1"], "label_smoothing=1 "),
     (["max_steps_per_epoch=0"], "max_steps_per_epoch=0 "),

@@ -313,3 +313,16 @@ def test_amp_bf16_on_cpu_trains(tmp_path: Path) -> None:
     state = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)["model"]
     assert all(t.dtype != torch.bfloat16 for t in state.values())  # autocast keeps fp32 weights
     assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+
+
+def test_float64_runs_keep_float64_through_the_step(tmp_path: Path) -> None:
+    """``dtype=float64``: weights, inputs, query losses and norms stay float64 (nothing is
+    rounded to float32 on the way), so runs that differ only in reduction order agree to
+    rounding on any CPU."""
+    cfg = load_config(None, [*overrides(TINY), "dtype=float64", "optimizer.name=zosam", "optimizer.q=2",
+                             "epochs=1", "max_steps_per_epoch=2", "tracking.enabled=false"])
+    outcome = run(cfg, checkpoint_dir=tmp_path, log=None)
+    assert outcome.status == "finished", outcome.reason
+    state = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)["model"]
+    floats = [t for t in state.values() if t.is_floating_point()]
+    assert floats and all(t.dtype == torch.float64 for t in floats)

@@ -22,7 +22,9 @@ STEPS, BATCH = 4, 16
 
 
 def _model() -> nn.Module:  # no BatchNorm: per-rank batch statistics would differ
-    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    # float64: the ranks and the single process differ only in reduction order, which
+    # float64 rounds far below the test's tolerance on every CPU (float32 does not).
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).double()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
@@ -32,7 +34,8 @@ def _model() -> nn.Module:  # no BatchNorm: per-rank batch statistics would diff
 
 def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(BATCH, 6, generator=g), torch.randint(0, 3, (BATCH,), generator=g)) for _ in range(STEPS)]
+    return [(torch.randn(BATCH, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (BATCH,), generator=g))
+            for _ in range(STEPS)]
 
 
 def _train(model: nn.Module, rank: int, world: int) -> None:
@@ -68,5 +71,5 @@ def test_two_gloo_ranks_match_one_process_on_the_whole_batch(tmp_path: Path) -> 
     _train(single, 0, 1)
     for a, b, s in zip(r0, r1, single.parameters(), strict=True):
         assert torch.equal(a, b)  # every rank perturbs and updates identically
-        torch.testing.assert_close(a, s.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, s.detach(), rtol=1e-10, atol=1e-12)
     assert not torch.equal(r0[0], _model()[0].weight)  # it trained

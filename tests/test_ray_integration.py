@@ -183,24 +183,32 @@ def test_two_ray_train_workers_equal_one_process(ray_local: Path, tmp_path: Path
     """DDP over gloo with per-worker batch B equals one process with batch 2B (no BatchNorm;
     ZO-SAM on random static masks): the loader's shards of a step make up the single batch.
 
+    Both runs are float64: the two differ only in reduction order (a two-rank gradient
+    average, torch's thread count), which float64 rounds at about 1e-16 relative and 16
+    steps amplify to about 1e-13, so 1e-9 is far above rounding and far below any real
+    difference. In float32 the same runs differ by up to 1.6e-5, and how much depends on
+    the CPU's kernels (Intel and AMD machines of one kind disagree).
+
     A data-driven host (RigL) is not used here: its drop/grow decisions are discontinuous,
     so the last-bit differences of a two-rank gradient average can flip a near-tie and
     move a few weights; that the ranks' masks agree with each other is tested in
     tests/test_sparse_distributed.py."""
     from zosam.ray_train import make_trainer
 
-    cfg = run_dict("ddp", data__batch_size=16, sparse__method="random")
+    cfg = run_dict("ddp", dtype="float64", data__batch_size=16, sparse__method="random")
     result = make_trainer(cfg, num_workers=2, use_gpu=False, name="ddp", storage_path=str(tmp_path / "ray")).fit()
     assert result.error is None
     with result.checkpoint.as_directory() as d:
         ddp = final_weights(d)
-    single = single_process(run_dict("single", data__batch_size=32, sparse__method="random"), tmp_path / "single")
-    assert_same_weights(ddp, final_weights(tmp_path / "single"), rtol=1e-4, atol=1e-5)
+    single = single_process(run_dict("single", dtype="float64", data__batch_size=32, sparse__method="random"),
+                            tmp_path / "single")
+    assert ddp["1.weight"].dtype == torch.float64
+    assert_same_weights(ddp, final_weights(tmp_path / "single"), rtol=1e-9, atol=1e-9)
     assert result.metrics["epoch"] == 2
     assert result.metrics["steps"] == single.summary["steps"] == 16
     assert result.metrics["passes_backward"] == single.summary["passes_backward"]
     assert math.isclose(result.metrics["train_loss"], single_process_history_loss(tmp_path),
-                        rel_tol=1e-4)
+                        rel_tol=1e-9)
     assert not torch.equal(ddp["1.weight"], torch.zeros_like(ddp["1.weight"]))
 
 
@@ -217,7 +225,7 @@ def test_a_killed_worker_restores_and_finishes_like_an_uninterrupted_run(ray_loc
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     epochs = 8
-    cfg = run_dict("ft", epochs=epochs, tracking={"enabled": True, "experiment": EXPERIMENT})
+    cfg = run_dict("ft", epochs=epochs, dtype="float64", tracking={"enabled": True, "experiment": EXPERIMENT})
     pid_file = ray_local / "rank0.pid"
     pid_file.unlink(missing_ok=True)
     storage = tmp_path / "ray"
@@ -241,16 +249,17 @@ def test_a_killed_worker_restores_and_finishes_like_an_uninterrupted_run(ray_loc
     assert result.error is None
     assert int(pid_file.read_text()) != killed  # a new worker process finished the run
 
-    baseline = single_process(run_dict("ft-base", epochs=epochs), tmp_path / "base")
+    baseline = single_process(run_dict("ft-base", epochs=epochs, dtype="float64"), tmp_path / "base")
     with result.checkpoint.as_directory() as d:
         restored = torch.load(Path(d) / CHECKPOINT_FILE, weights_only=True)
     base = torch.load(tmp_path / "base" / CHECKPOINT_FILE, weights_only=True)
-    # Not bit-equal: the Ray worker runs torch with another thread count (reduction order).
-    assert_same_weights(restored["model"], base["model"], rtol=1e-4, atol=1e-5)
+    # Not bit-equal: the Ray worker runs torch with another thread count (reduction order);
+    # float64 makes that rounding (about 1e-13 after 64 steps) far below the tolerance.
+    assert_same_weights(restored["model"], base["model"], rtol=1e-9, atol=1e-9)
     assert result.metrics["epoch"] == epochs
     assert result.metrics["test_acc"] == pytest.approx(baseline.summary["final_test_acc"], abs=1e-9)
     assert [h["train_loss"] for h in restored["history"]] == pytest.approx([h["train_loss"] for h in base["history"]],
-                                                                           rel=1e-4)
+                                                                           rel=1e-9)
     import mlflow
 
     mlflow.set_tracking_uri(uri)

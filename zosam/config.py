@@ -34,6 +34,7 @@ from zosam.sparse import SparsityConfig
 from zosam.validate import choice, in_range
 
 _AMP = ("off", "bf16", "fp16")
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _DEVICES = ("auto", "cpu", "cuda")
 _WRAPPER_ARGS = {"self", "params", "base_optimizer", "model", "max_grad_norm", "base_kwargs", "kwargs"}
 
@@ -249,6 +250,7 @@ class RunConfig:
     epochs: int = 10
     device: str = "auto"
     amp: str = "off"
+    dtype: str = "float32"
     label_smoothing: float = 0.0
     max_steps_per_epoch: int | None = None
     data: DataConfig = field(default_factory=DataConfig)
@@ -274,6 +276,10 @@ class RunConfig:
         in_range("epochs", cfg.epochs, 1, integer=True)
         choice("device", cfg.device, _DEVICES)
         choice("amp", cfg.amp, _AMP)
+        choice("dtype", cfg.dtype, tuple(_DTYPES))
+        if cfg.dtype != "float32" and cfg.amp != "off":
+            raise ValueError(f"amp={cfg.amp!r} is invalid with dtype={cfg.dtype!r}; "
+                             "mixed precision needs dtype=float32")
         in_range("label_smoothing", cfg.label_smoothing, 0, 1, high_open=True)
         if cfg.max_steps_per_epoch is not None:
             in_range("max_steps_per_epoch", cfg.max_steps_per_epoch, 1, integer=True)
@@ -281,6 +287,12 @@ class RunConfig:
             raise ValueError(f"name={cfg.name!r} is invalid; must be a non-empty string")
         _check_maskable(cfg)
         return cfg
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The floating dtype of weights and inputs: float64 makes runs that differ only
+        in reduction order (ranks, threads, CPUs) agree to rounding, about 1e-15."""
+        return _DTYPES[self.dtype]
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

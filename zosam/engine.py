@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from zosam.config import RunConfig
 from zosam.data import load_dataset, make_loaders
 from zosam.models import create_model
-from zosam.optim import make_closure
+from zosam.optim import make_closure, wide
 from zosam.sparse import Masking
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -118,7 +118,8 @@ class Trainer:
         cfg = self.cfg
         self.data = load_dataset(cfg.data)
         self.train_loader, self.test_loader = make_loaders(
-            self.data, cfg.data, seed=cfg.seed, rank=self.rank, world_size=self.world_size, device=self.device)
+            self.data, cfg.data, seed=cfg.seed, rank=self.rank, world_size=self.world_size, device=self.device,
+            dtype=cfg.torch_dtype)
         self.steps_per_epoch = len(self.train_loader)
         if cfg.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
@@ -128,7 +129,7 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             self.model = create_model(cfg.model.name, num_classes=self.data.num_classes,
-                                      **cfg.model.kwargs).to(self.device)
+                                      **cfg.model.kwargs).to(self.device, cfg.torch_dtype)
         self.masking = Masking(self.model, cfg.sparse, self.total_steps, generator_seed=cfg.seed,
                                input_shape=self.data.input_shape)
         self.net: nn.Module = self.model
@@ -269,7 +270,7 @@ class Trainer:
         self.net.eval()
         loss_sum, correct, n = 0.0, 0.0, 0
         for x, y in loader or self.test_loader:
-            out = self._forward_logits(x).float()
+            out = wide(self._forward_logits(x))
             loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
             correct += float((out.argmax(1) == y).sum())
             n += len(y)
@@ -373,7 +374,7 @@ class Trainer:
                     images, labels = images[:n], labels[:n]
                 loader = BatchLoader(images, labels, self.cfg.data.eval_batch_size, train=False, augment=False,
                                      mean=self.data.mean, std=self.data.std, seed=0, rank=self.rank,
-                                     world_size=self.world_size, device=self.device)
+                                     world_size=self.world_size, device=self.device, dtype=self.cfg.torch_dtype)
                 out[f"corrupt_acc.{c}.{s}"] = self.evaluate(loader)[1]
         out["corrupt_acc_mean"] = sum(out.values()) / len(out)
         out["corrupt_set_generated"] = float(cs.generated)
@@ -388,7 +389,8 @@ def _dense_flops(trainer: Trainer) -> int:
 
 def _loss(label_smoothing: float) -> Callable[..., Tensor]:
     def loss_fn(out: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
-        return F.cross_entropy(out.float(), y, label_smoothing=label_smoothing, reduction=reduction)
+        # Half-precision logits (AMP) are lifted to float32; float64 runs keep float64.
+        return F.cross_entropy(wide(out), y, label_smoothing=label_smoothing, reduction=reduction)
 
     return loss_fn
 

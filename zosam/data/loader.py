@@ -80,6 +80,7 @@ class BatchLoader:
             once (CIFAR: 150 MB), so gathering and normalising run on the device.
         pad: crop padding in pixels (4 for CIFAR).
         hflip: allow horizontal flips (off for digits).
+        dtype: floating dtype of the yielded images (float64 for exact-arithmetic checks).
     """
 
     def __init__(
@@ -99,6 +100,7 @@ class BatchLoader:
         device: torch.device | str = "cpu",
         pad: int = 4,
         hflip: bool = True,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be uint8 NCHW, got {images.dtype} {tuple(images.shape)}")
@@ -121,8 +123,8 @@ class BatchLoader:
         self.pad, self.hflip = pad, hflip
         self.epoch = 0
         # x_norm = (x / 255 - mean) / std = x * scale + shift, one fused multiply-add.
-        m = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        s = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        m = torch.tensor(mean, dtype=dtype, device=self.device).view(1, -1, 1, 1)
+        s = torch.tensor(std, dtype=dtype, device=self.device).view(1, -1, 1, 1)
         self._scale = 1.0 / (255.0 * s)
         self._shift = -m / s
 
@@ -161,8 +163,8 @@ class BatchLoader:
         return order[shard], (None if params is None else params[shard])
 
     def normalise(self, x: Tensor) -> Tensor:
-        """uint8 NCHW -> normalised float32."""
-        return torch.addcmul(self._shift, x.float(), self._scale)
+        """uint8 NCHW -> normalised floats of the loader's dtype."""
+        return torch.addcmul(self._shift, x.to(self._scale.dtype), self._scale)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         idx, params = self._epoch_plan()
@@ -188,10 +190,11 @@ class DatasetLoader:
 
     def __init__(self, dataset, batch_size: int, *, train: bool, seed: int = 0, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, drop_last: bool | None = None,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         from torch.utils.data import DataLoader, DistributedSampler
 
         self.device = torch.device(device)
+        self.dtype = dtype
         self.seed = seed
         self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank,
                                           shuffle=train, seed=seed)
@@ -213,12 +216,13 @@ class DatasetLoader:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         nb = self.device.type == "cuda"
         for x, y in self.loader:
-            yield x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb)
+            x = x.to(self.device, non_blocking=nb)
+            yield (x.to(self.dtype) if x.is_floating_point() else x), y.to(self.device, non_blocking=nb)
 
 
 def make_loaders(bundle, cfg, *, seed: int, rank: int = 0, world_size: int = 1,
-                 device: torch.device | str = "cpu") -> tuple[BatchLoader | DatasetLoader,
-                                                              BatchLoader | DatasetLoader]:
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 ) -> tuple[BatchLoader | DatasetLoader, BatchLoader | DatasetLoader]:
     """(train loader, test loader) for a ``DataBundle`` and its ``DataConfig``.
 
     In-memory bundles get ``BatchLoader`` (augmentation per ``cfg.augment``); others a
@@ -226,13 +230,13 @@ def make_loaders(bundle, cfg, *, seed: int, rank: int = 0, world_size: int = 1,
     """
     if bundle.in_memory:
         common = {"mean": bundle.mean, "std": bundle.std, "seed": seed, "rank": rank,
-                  "world_size": world_size, "device": device, "hflip": bundle.hflip}
+                  "world_size": world_size, "device": device, "hflip": bundle.hflip, "dtype": dtype}
         train = BatchLoader(bundle.train.images, bundle.train.labels, cfg.batch_size,
                             train=True, augment=cfg.augment, **common)
         test = BatchLoader(bundle.test.images, bundle.test.labels, cfg.eval_batch_size,
                            train=False, augment=False, **common)
         return train, test
     common = {"seed": seed, "rank": rank, "world_size": world_size,
-              "num_workers": cfg.num_workers, "device": device}
+              "num_workers": cfg.num_workers, "device": device, "dtype": dtype}
     return (DatasetLoader(bundle.train, cfg.batch_size, train=True, **common),
             DatasetLoader(bundle.test, cfg.eval_batch_size, train=False, **common))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from zosam.optim.base import PerturbationOptimizer, apply_masks, make_closure
+from zosam.optim.base import PerturbationOptimizer, apply_masks, make_closure, wide
 from zosam.optim.peers import ESAM, GSAM, RWP, LookSAM
 from zosam.optim.sam import SAM, FirstOrder
 from zosam.optim.zosam import ZOSAM, derive_seed
@@ -43,4 +43,5 @@ __all__ = [
     "apply_masks",
     "derive_seed",
     "make_closure",
+    "wide",
 ]

@@ -89,6 +89,12 @@ def _accepts(fn: Callable[..., Any], keyword: str) -> bool:
     return keyword in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
+
+def wide(t: Tensor) -> Tensor:
+    """``t`` in at least float32: half-precision losses and norms are lifted, float64 stays
+    float64 (so float64 runs keep their precision through norms and loss differences)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
 class PerturbationOptimizer(torch.optim.Optimizer):
     """Base class: a wrapper around a base optimizer that owns the passes of a step.
 
@@ -293,7 +299,7 @@ class PerturbationOptimizer(torch.optim.Optimizer):
         grads = [(p.grad, self.masks.get(p)) for p in self._params() if p.grad is not None]
         if not grads:
             return
-        sq = torch.stack([(g if m is None else g * m).float().pow(2).sum() for g, m in grads]).sum()
+        sq = torch.stack([wide(g if m is None else g * m).pow(2).sum() for g, m in grads]).sum()
         coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
         for g, _ in grads:
             g.mul_(coef.to(g.device, g.dtype))

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from zosam.optim.base import Closure
+from zosam.optim.base import Closure, wide
 from zosam.optim.sam import SAM
 from zosam.optim.zosam import SeededStreams, derive_seed
 from zosam.validate import in_range
@@ -157,7 +157,7 @@ class ESAM(SeededStreams, SAM):
             if before is not None:
                 with self._frozen_batchnorm():
                     after = self._per_sample(closure, grad=False)
-                subset["indices"] = self._sharpest(after.detach().float() - before.detach().float())
+                subset["indices"] = self._sharpest(wide(after.detach() - before.detach()))
         del e
         loss = self._forward(closure, grad=True, **subset)
         self._backward(loss, scaler)

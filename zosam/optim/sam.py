@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from zosam.optim.base import Closure, PerturbationOptimizer
+from zosam.optim.base import Closure, PerturbationOptimizer, wide
 from zosam.validate import in_range
 
 
@@ -103,7 +103,7 @@ class SAM(PerturbationOptimizer):
         """
         grads = [None if p.grad is None else self._masked(p, p.grad.detach().clone())
                  for p in self._params()]
-        terms = [(p.abs() * g if self.adaptive else g).float().pow(2).sum()
+        terms = [wide(p.abs() * g if self.adaptive else g).pow(2).sum()
                  for p, g in zip(self._params(), grads, strict=True) if g is not None]
         if not terms:
             return None

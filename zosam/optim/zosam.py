@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from zosam.optim.base import Closure, PerturbationOptimizer
+from zosam.optim.base import Closure, PerturbationOptimizer, wide
 from zosam.validate import choice, in_range
 
 _MASK64 = (1 << 64) - 1
@@ -165,7 +165,7 @@ class ZOSAM(SeededStreams):
 
     def _query_loss(self, closure: Closure) -> float:
         """One no-grad query pass, averaged over ranks (every rank then perturbs alike)."""
-        loss = self._forward(closure, grad=False, fraction=self.query_fraction).detach().float()
+        loss = wide(self._forward(closure, grad=False, fraction=self.query_fraction).detach())
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             loss = loss.clone()
             dist.all_reduce(loss, op=dist.ReduceOp.SUM)
@@ -194,7 +194,7 @@ class ZOSAM(SeededStreams):
                 norms = []
                 for p, w0, u in zip(params, saved, self._directions(seed), strict=True):
                     if d:
-                        norms.append(torch.linalg.vector_norm(u.float()))
+                        norms.append(torch.linalg.vector_norm(wide(u)))
                     torch.add(w0, u, alpha=self.mu, out=p)
                 if d:  # rescale onto the sphere of radius sqrt(d): w = w0 + (w - w0) s
                     z = float(torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms])))
@@ -220,7 +220,7 @@ class ZOSAM(SeededStreams):
         if not finite:
             return None
         norm = float(torch.linalg.vector_norm(torch.stack(
-            [n.float().to(params[0].device) for n in torch._foreach_norm(g_hat)])))
+            [wide(n).to(params[0].device) for n in torch._foreach_norm(g_hat)])))
         return g_hat if math.isfinite(norm) and norm > 0 else None
 
     def _active_count(self) -> int:
@@ -260,7 +260,7 @@ class ZOSAM(SeededStreams):
             self.skipped_perturbations += 1
         else:  # w = w0 + rho g_hat / ||g_hat|| (the weights are at w0 exactly)
             with torch.no_grad():
-                norm = torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(g_hat)]))
+                norm = torch.linalg.vector_norm(torch.stack([wide(n) for n in torch._foreach_norm(g_hat)]))
                 torch._foreach_mul_(g_hat, float(self.rho / norm))
                 torch._foreach_add_(list(self._params()), g_hat)
         del g_hat  # free the d-sized estimate before the backward pass
