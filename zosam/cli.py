@@ -19,6 +19,7 @@ BENCHMARKS = {
     "accuracy": "zosam.bench.accuracy",
     "robustness": "zosam.bench.robustness",
     "convergence": "zosam.bench.convergence",
+    "flatness": "zosam.bench.flatness",
 }
 
 

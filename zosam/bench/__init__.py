@@ -10,6 +10,7 @@ import json
 import platform
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,8 +46,9 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None =
 
 
 def emit(name: str, rows: Sequence[dict[str, Any]], summary: dict[str, Any], *,
-         mlflow_uri: str | None = None, columns: Sequence[str] | None = None) -> dict[str, Any]:
-    """Print the table and one JSON line; log them to MLflow when ``mlflow_uri`` is given."""
+         mlflow_uri: str | None = None, columns: Sequence[str] | None = None,
+         artifacts: Sequence[str | Path] = ()) -> dict[str, Any]:
+    """Print the table and one JSON line; log them (and ``artifacts`` files) to MLflow when ``mlflow_uri`` is given."""
     record = {"benchmark": name, "machine": machine(), **summary, "rows": list(rows)}
     print(format_table(rows, columns))
     print(json.dumps(record, default=str))
@@ -63,4 +65,6 @@ def emit(name: str, rows: Sequence[dict[str, Any]], summary: dict[str, Any], *,
                     if isinstance(v, float | int) and not isinstance(v, bool):
                         mlflow.log_metric(re.sub(r"[^\w.\-/ ]", "_", f"{label}.{k}"), float(v))
             mlflow.log_dict(record, f"{name}.json")
+            for path in artifacts:
+                mlflow.log_artifact(str(path))
     return record

@@ -26,6 +26,7 @@ from zosam.data.registry import (
     TensorSplit,
     balanced_subset,
     load_dataset,
+    noisy_labels,
 )
 
 __all__ = [
@@ -46,4 +47,5 @@ __all__ = [
     "load_cifar10c",
     "load_dataset",
     "make_loaders",
+    "noisy_labels",
 ]

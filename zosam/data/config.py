@@ -42,6 +42,12 @@ class DataConfig:
             (``None``: all). The subset depends on ``subset_seed`` only, not the run seed,
             so runs with different seeds see the same images.
         subset_seed: seed of the subset draw.
+        label_noise: fraction of training labels replaced by a different class, drawn
+            uniformly among the other classes (symmetric noise), in [0, 1). Exactly
+            ``round(label_noise * n)`` training samples are flipped, chosen after the
+            subset; the test split is never touched.
+        label_noise_seed: seed of the dedicated generator that picks the flipped samples
+            and their new classes (independent of the run seed and the subset draw).
         augment: standard augmentation on the training split (CIFAR: crop + flip;
             ImageNet: the chosen recipe).
         image_size: side length for ``digits`` (upsampled from 8) and ``imagenet``.
@@ -59,6 +65,8 @@ class DataConfig:
     train_subset: int | None = None
     test_subset: int | None = None
     subset_seed: int = 0
+    label_noise: float = 0.0
+    label_noise_seed: int = 0
     augment: bool = True
     image_size: int | None = None
     batch_size: int = 128
@@ -87,6 +95,8 @@ class DataConfig:
             if v is not None:
                 in_range(f"data.{f}", v, 1, integer=True)
         in_range("data.subset_seed", self.subset_seed, 0, integer=True)
+        in_range("data.label_noise", self.label_noise, 0, 1, high_open=True)
+        in_range("data.label_noise_seed", self.label_noise_seed, 0, integer=True)
         if not isinstance(self.augment, bool):
             raise ValueError(f"data.augment={self.augment!r} is invalid; must be true or false")
         in_range("data.batch_size", self.batch_size, 1, integer=True)

@@ -106,9 +106,40 @@ def apply_subsets(bundle: DataBundle, cfg: DataConfig) -> DataBundle:
     return bundle
 
 
+def noisy_labels(labels: Tensor, rate: float, seed: int, num_classes: int) -> Tensor:
+    """A copy of ``labels`` with symmetric noise: exactly ``round(rate * n)`` samples flipped.
+
+    The flipped samples are a uniform draw without replacement; each gets a class drawn
+    uniformly among the ``num_classes - 1`` others (so the realised noise rate is exact).
+    Everything is drawn from one generator seeded with ``seed`` alone.
+    """
+    out = labels.clone()
+    k = round(rate * labels.numel())
+    if k == 0:
+        return out
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(labels.numel(), generator=gen)[:k]
+    shift = torch.randint(1, num_classes, (k,), generator=gen)  # never 0: the class always changes
+    out[idx] = (labels[idx] + shift) % num_classes
+    return out
+
+
+def apply_label_noise(bundle: DataBundle, cfg: DataConfig) -> DataBundle:
+    """Replace the training labels by ``noisy_labels`` (``cfg.label_noise > 0``); test untouched."""
+    if cfg.label_noise == 0:
+        return bundle
+    if not isinstance(bundle.train, TensorSplit):
+        raise ValueError(f"data.label_noise is only supported for in-memory datasets, not {bundle.name!r}")
+    clean = bundle.train.labels
+    noisy = noisy_labels(clean, cfg.label_noise, cfg.label_noise_seed, bundle.num_classes)
+    bundle.train = TensorSplit(bundle.train.images, noisy)
+    bundle.meta["label_noise_flipped"] = int((noisy != clean).sum())
+    return bundle
+
+
 def load_dataset(cfg: DataConfig) -> DataBundle:
-    """Load the dataset named by ``cfg.name`` and apply the configured subsets."""
+    """Load the dataset named by ``cfg.name``; apply the configured subsets, then label noise."""
     bundle = DATASETS.get(cfg.name)(cfg)
     bundle.meta.setdefault("train_size", len(bundle.train))
     bundle.meta.setdefault("test_size", len(bundle.test))
-    return apply_subsets(bundle, cfg)
+    return apply_label_noise(apply_subsets(bundle, cfg), cfg)

@@ -1,4 +1,4 @@
-"""Small models for tests and quick runs: a two-block CNN and an MLP."""
+"""Small models for tests and quick runs: a two-block CNN, a LeNet-shaped CNN and an MLP."""
 
 from __future__ import annotations
 
@@ -53,3 +53,35 @@ def mlp(num_classes: int = 10, in_features: int = 3 * 32 * 32,
         d = h
     layers.append(nn.Linear(d, num_classes))
     return nn.Sequential(*layers)
+
+
+class LeNet(nn.Module):
+    """LeNet-5's shape: conv5-ReLU-pool, conv5-ReLU-pool, flatten, linear-ReLU, linear (no BN).
+
+    Unlike ``TinyCNN`` (global average pooling, a 32-wide classifier) its flattened
+    features give the classifier enough capacity to fit (memorise) the training labels
+    of a small subset, which label-noise experiments need.
+    """
+
+    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 16, hidden: int = 256,
+                 image_size: int = 32) -> None:
+        super().__init__()
+        in_range("model.width", width, 1, integer=True)
+        in_range("model.hidden", hidden, 1, integer=True)
+        in_range("model.image_size", image_size, 16, integer=True)
+        side = ((image_size - 4) // 2 - 4) // 2
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
+        self.classifier = nn.Sequential(nn.Linear(2 * width * side * side, hidden), nn.ReLU(),
+                                        nn.Linear(hidden, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+
+@MODELS.register("lenet")
+def lenet(num_classes: int = 10, in_channels: int = 3, width: int = 16, hidden: int = 256,
+          image_size: int = 32) -> LeNet:
+    """LeNet-5-shaped CNN (about 0.3 M weights at width 16 on 32x32 inputs) that can memorise."""
+    return LeNet(num_classes, in_channels=in_channels, width=width, hidden=hidden, image_size=image_size)
