@@ -25,14 +25,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from zosam.optim.base import Closure, PerturbationOptimizer, wide
+from zosam.optim.base import Closure, PerturbationOptimizer, global_norm, wide
+from zosam.optim.guided import GUIDES, GuidedDirections, has_momentum, momentum_buffers
 from zosam.validate import choice, in_range
+
+DIRECTIONS = ("gaussian", "sphere", "guided")
 
 _MASK64 = (1 << 64) - 1
 
@@ -110,11 +114,20 @@ class ZOSAM(SeededStreams):
         q: number of random directions (queries) per step, >= 1.
         difference: ``"central"`` (two-sided, 2q no-grad forwards, O(mu^2) bias) or
             ``"forward"`` (one-sided, q + 1 no-grad forwards, O(mu) bias).
-        directions: ``"gaussian"`` (u ~ N(0, I)) or ``"sphere"`` (uniform on the sphere of
-            radius sqrt(d), d = number of active weights, so E||u||^2 matches Gaussian).
+        directions: ``"gaussian"`` (u ~ N(0, I)), ``"sphere"`` (uniform on the sphere of
+            radius sqrt(d), d = number of active weights, so E||u||^2 matches Gaussian) or
+            ``"guided"`` (our extension: Guided-ES directions from the subspace of
+            surrogate gradients chosen by ``guide``, mixed with an isotropic share
+            ``alpha``; see :mod:`zosam.optim.guided` and the module docstring).
         query_fraction: fraction of the mini-batch used by the query passes, in (0, 1];
             below 1 the closure must accept ``fraction=`` (see ``make_closure``).
         seed: seed of the direction stream (combine with the run's seed in configs).
+        alpha: guided directions only: the isotropic share of the sampling covariance, in
+            [0, 1] (default 0: directions in the surrogate subspace only).
+        guide: guided directions only: the surrogates, ``"gradient"`` (default: the
+            gradient applied by the previous step, unscaled and clipped, kept in
+            ``state_dict``), ``"momentum"`` (the base optimizer's momentum buffer or Adam's
+            ``exp_avg``; needs a base optimizer with momentum) or ``"gradient+momentum"``.
         model: the model being trained (keyword, required): BatchNorm running statistics
             are frozen during the query passes. ``None`` only for a model without
             BatchNorm (otherwise every query would update the running statistics).
@@ -124,6 +137,19 @@ class ZOSAM(SeededStreams):
     Distributed: when ``torch.distributed`` is initialised, every rank draws the same
     directions (same seed and step) and each query loss is averaged across ranks before
     ``e`` is formed, so all ranks perturb identically (2q scalars of communication).
+
+    Guided directions without a usable surrogate (the first step; a zero or non-finite
+    surrogate; momentum not yet built) fall back to the Gaussian directions of the same
+    seed for that step, so the first step of a guided run is the Gaussian ZO-SAM step.
+    Under DDP the surrogates are the same on every rank (the applied gradient is already
+    averaged by DDP, the momentum is built from it), so all ranks draw the same ``u``.
+
+    Random layers (dropout, drop-path): each finite-difference pair runs under a forked
+    global RNG seeded with ``derive_seed(seed, step, i, 1)`` (CPU and the parameters'
+    CUDA devices; with ``difference="forward"`` all queries and ``L(w)`` use query 0's
+    seed), so both points of a pair see the same masks and the difference measures the
+    weights, not the masks. The caller's RNG is restored afterwards: the final pass draws
+    from the ordinary RNG as if the queries had not run.
 
     A step whose estimate is zero (all query losses equal) or not finite is taken without
     perturbation (a plain step at ``w``) and counted in ``skipped_perturbations``.
@@ -140,6 +166,8 @@ class ZOSAM(SeededStreams):
         directions: str = "gaussian",
         query_fraction: float = 1.0,
         seed: int = 0,
+        alpha: float = 0.0,
+        guide: str = "gradient",
         *,
         model: nn.Module | None,
         max_grad_norm: float | None = None,
@@ -149,28 +177,73 @@ class ZOSAM(SeededStreams):
         in_range("mu", mu, 0, low_open=True)
         in_range("q", q, 1, integer=True)
         choice("difference", difference, ("central", "forward"))
-        choice("directions", directions, ("gaussian", "sphere"))
+        choice("directions", directions, DIRECTIONS)
         in_range("query_fraction", query_fraction, 0, 1, low_open=True)
         in_range("seed", seed, 0, integer=True)
+        in_range("alpha", alpha, 0, 1)
+        choice("guide", guide, GUIDES)
         defaults = dict(rho=rho, mu=mu, q=q)
         super().__init__(params, base_optimizer, defaults, model=model,
                          max_grad_norm=max_grad_norm, **base_kwargs)
         self.rho, self.mu, self.q = rho, mu, q
         self.difference, self.directions = difference, directions
         self.query_fraction, self.seed = query_fraction, seed
+        self.alpha, self.guide = alpha, guide
+        self._guided = GuidedDirections(alpha) if directions == "guided" else None
+        if self._guided is not None and "momentum" in guide and not has_momentum(self.base_optimizer):
+            raise ValueError(f"guide={guide!r} is invalid with a base optimizer without momentum "
+                             "(SGD with momentum=0); allowed: 'gradient', or set momentum > 0")
+        self._keeps_gradient = self._guided is not None and "gradient" in guide
 
     # -- the estimator -------------------------------------------------------------------------
     def _query_seeds(self) -> list[int]:
         return [derive_seed(self.seed, self.step_count, i) for i in range(self.q)]
 
-    def _query_loss(self, closure: Closure) -> float:
+    def _noise_seed(self, query: int) -> int:
+        """Seed of the global RNG (dropout, drop-path) for query ``query``'s pair: every point
+        of a finite-difference pair sees the same masks. Forward differences share ``L(w)``
+        across queries, so all their queries use query 0's seed."""
+        return derive_seed(self.seed, self.step_count, query if self.difference == "central" else 0, 1)
+
+    @contextmanager
+    def _fixed_noise(self, seed: int) -> Iterator[None]:
+        """Run under a forked global RNG (CPU and the parameters' CUDA devices) seeded with
+        ``seed``: the queries' random layers draw the same masks for the same seed, and the
+        caller's RNG (the final pass, data augmentation) is left exactly as it was."""
+        cuda = sorted({p.device.index or 0 for p in self._params() if p.device.type == "cuda"})
+        with torch.random.fork_rng(devices=cuda):
+            torch.default_generator.manual_seed(seed)
+            for i in cuda:
+                torch.cuda.default_generators[i].manual_seed(seed)
+            yield
+
+    def _query_loss(self, closure: Closure, noise_seed: int) -> float:
         """One no-grad query pass, averaged over ranks (every rank then perturbs alike)."""
-        loss = wide(self._forward(closure, grad=False, fraction=self.query_fraction).detach())
+        with self._fixed_noise(noise_seed):
+            loss = wide(self._forward(closure, grad=False, fraction=self.query_fraction).detach())
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             loss = loss.clone()
             dist.all_reduce(loss, op=dist.ReduceOp.SUM)
             loss /= dist.get_world_size()
         return float(loss)
+
+    def _fit_guide(self, params: list[Tensor]) -> int:
+        """Fit the guided sampler to this step's surrogates; returns k (0: isotropic fallback)."""
+        assert self._guided is not None
+        surrogates: list[list[Tensor | None]] = []
+        if "gradient" in self.guide and self.last_gradient is not None:
+            surrogates.append(self.last_gradient)
+        if "momentum" in self.guide:
+            buffers = momentum_buffers(self.base_optimizer, params)
+            if buffers is not None:
+                surrogates.append(buffers)
+        return self._guided.fit(params, self.masks, surrogates, self._active_count() if surrogates else 0)
+
+    def _query_directions(self, seed: int, params: list[Tensor]) -> Iterator[Tensor]:
+        """This query's directions, one parameter tensor at a time (the seeded stream)."""
+        if self._guided is None:
+            return self._directions(seed)
+        return self._guided.directions(derive_seed(seed, 2), lambda: self._directions(seed), params)
 
     @torch.no_grad()
     def _estimate(self, closure: Closure, saved: list[Tensor]) -> list[Tensor] | None:
@@ -186,13 +259,15 @@ class ZOSAM(SeededStreams):
         """
         params = list(self._params())
         g_hat = [torch.zeros_like(p) for p in params]
+        if self._guided is not None:
+            self._fit_guide(params)
         d = self._active_count() if self.directions == "sphere" else 0
         finite = True
         with self._frozen_batchnorm():
-            l0 = self._query_loss(closure) if self.difference == "forward" else 0.0
-            for seed in self._query_seeds():
+            l0 = self._query_loss(closure, self._noise_seed(0)) if self.difference == "forward" else 0.0
+            for i, seed in enumerate(self._query_seeds()):
                 norms = []
-                for p, w0, u in zip(params, saved, self._directions(seed), strict=True):
+                for p, w0, u in zip(params, saved, self._query_directions(seed, params), strict=True):
                     if d:
                         norms.append(torch.linalg.vector_norm(wide(u)))
                     torch.add(w0, u, alpha=self.mu, out=p)
@@ -201,12 +276,13 @@ class ZOSAM(SeededStreams):
                     torch._foreach_sub_(params, saved)
                     torch._foreach_mul_(params, math.sqrt(d) / z if z > 0 else 0.0)
                     torch._foreach_add_(params, saved)
-                l_plus = self._query_loss(closure)
+                noise = self._noise_seed(i)
+                l_plus = self._query_loss(closure, noise)
                 if self.difference == "central":
                     torch._foreach_sub_(params, saved)  # w - w0 = mu u
                     torch._foreach_neg_(params)
                     torch._foreach_add_(params, saved)  # w = w0 - mu u
-                    c = (l_plus - self._query_loss(closure)) / (2 * self.mu)
+                    c = (l_plus - self._query_loss(closure, noise)) / (2 * self.mu)
                     k = c / (self.q * self.mu)  # g_hat += (c / q) u, with u = (w0 - w) / mu
                     torch._foreach_add_(g_hat, saved, alpha=k)
                     torch._foreach_add_(g_hat, params, alpha=-k)
@@ -219,8 +295,7 @@ class ZOSAM(SeededStreams):
         self._restore(saved)
         if not finite:
             return None
-        norm = float(torch.linalg.vector_norm(torch.stack(
-            [wide(n).to(params[0].device) for n in torch._foreach_norm(g_hat)])))
+        norm = global_norm(g_hat)
         return g_hat if math.isfinite(norm) and norm > 0 else None
 
     def _active_count(self) -> int:
@@ -260,8 +335,7 @@ class ZOSAM(SeededStreams):
             self.skipped_perturbations += 1
         else:  # w = w0 + rho g_hat / ||g_hat|| (the weights are at w0 exactly)
             with torch.no_grad():
-                norm = torch.linalg.vector_norm(torch.stack([wide(n) for n in torch._foreach_norm(g_hat)]))
-                torch._foreach_mul_(g_hat, float(self.rho / norm))
+                torch._foreach_mul_(g_hat, self.rho / global_norm(g_hat))
                 torch._foreach_add_(list(self._params()), g_hat)
         del g_hat  # free the d-sized estimate before the backward pass
         loss = self._forward(closure, grad=True)
