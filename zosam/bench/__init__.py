@@ -59,11 +59,13 @@ def emit(name: str, rows: Sequence[dict[str, Any]], summary: dict[str, Any], *,
         mlflow.set_experiment("zosam-benchmarks")
         with mlflow.start_run(run_name=name, tags={"zosam.benchmark": name}):
             mlflow.log_params({k: v for k, v in summary.items() if isinstance(v, str | int | float | bool)})
+            metrics = {}
             for i, row in enumerate(rows):
                 label = str(row.get("method", i))
                 for k, v in row.items():
                     if isinstance(v, float | int) and not isinstance(v, bool):
-                        mlflow.log_metric(re.sub(r"[^\w.\-/ ]", "_", f"{label}.{k}"), float(v))
+                        metrics[re.sub(r"[^\w.\-/ ]", "_", f"{label}.{k}")] = float(v)
+            mlflow.log_metrics(metrics)  # one batch: thousands of single calls are slow on sqlite
             mlflow.log_dict(record, f"{name}.json")
             for path in artifacts:
                 mlflow.log_artifact(str(path))

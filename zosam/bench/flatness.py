@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", default="bench_results/flatness")
     p.add_argument("--fresh", action="store_true", help="rerun runs already recorded in --out")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: aggregate the runs of the grid already recorded in --out (says how many "
+                        "are missing)")
     p.add_argument("--tracking-uri", default=None, help="MLflow URI: log the table, plots and records there")
     return p
 
@@ -698,11 +701,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 records[jid] = old
                 continue
         todo.append((jid, j))
-    print(f"flatness: {len(jobs)} runs ({len(jobs) - len(todo)} reused), {args.jobs} at a time, "
-          f"{args.threads} thread(s) each -> {out}", flush=True)
+    if args.report_only:
+        print(f"flatness: report only: {len(jobs) - len(todo)} of {len(jobs)} runs recorded in {out}, "
+              f"{len(todo)} missing (not trained)", flush=True)
+        todo = []
+    else:
+        print(f"flatness: {len(jobs)} runs ({len(jobs) - len(todo)} reused), {args.jobs} at a time, "
+              f"{args.threads} thread(s) each -> {out}", flush=True)
     t0 = time.perf_counter()
     _train_all(todo, records, out, args.jobs, t0)
     ordered = [records[_job_id(j)] for j in jobs if _job_id(j) in records]
+    g["planned_runs"] = len(jobs)
     return _report(ordered, g, args, out, time.perf_counter() - t0, measure)
 
 
@@ -715,6 +724,8 @@ def _train_all(todo: list[tuple[str, dict[str, Any]]], records: dict[str, dict[s
             else f"FAILED: {rec['reason']}"
         print(f"[{time.perf_counter() - t0:6.0f}s] {i}/{len(todo)} {rec['config']['name']}: {acc}", flush=True)
 
+    if not todo:
+        return
     if jobs == 1 or len(todo) <= 1:
         for i, (jid, j) in enumerate(todo, 1):
             done(jid, run_one(j), i)
@@ -749,7 +760,8 @@ def _report(records: list[dict[str, Any]], g: dict[str, Any], args: argparse.Nam
                                                indent=1, default=str))
     summary = {"settings": " ".join(g["plan"]), "plan": json.dumps(g["plan"]), "seeds": g["seeds"],
                "overrides": " ".join(g["overrides"]), "jobs": args.jobs, "threads": args.threads,
-               "runs": len(records), "failed": sum(r["status"] != "finished" for r in records),
+               "planned_runs": g["planned_runs"], "runs": len(records),
+               "failed": sum(r["status"] != "finished" for r in records),
                "wall_time_s": wall, "judge": args.judge, "results": str(out / RESULTS_FILE),
                **{f"m.{k}": str(v) for k, v in measure.items()},
                "decisive_cells": sum(bool(d["decisive"]) for d in decision),
