@@ -264,3 +264,8 @@ def test_end_to_end_on_digits(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     again = flatness.main(argv[:-2])
     assert "(12 reused)" in capsys.readouterr().out
     assert again["rows"] == result["rows"]
+    # --report-only trains nothing: a method never run stays missing.
+    report = flatness.main([*argv[:-2], "--methods", "sgd", "sam", "zosam", "rwp", "--report-only"])
+    assert "12 of 16 runs recorded" in capsys.readouterr().out
+    assert report["runs"] == 12 and report["planned_runs"] == 16
+    assert not any(r["method"] == "rwp" for r in report["rows"])

@@ -595,20 +595,21 @@ def plot_gain_vs_cost(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     plt = _plt()
     best = [r for r in best_rows(rows).values() if r["gain"] != "" and r["s_step_vs_sgd"] != ""]
     settings = list(dict.fromkeys(r["setting"] for r in best)) or ["-"]
-    fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(settings), figsize=(6.5 * len(settings), 4.6), squeeze=False)
     markers = "osD^v<>px*h"
     for ax, s in zip(axes[0], settings, strict=True):
         methods = list(dict.fromkeys(r["method"] for r in best if r["setting"] == s))
         noises = sorted({r["noise"] for r in best if r["setting"] == s})
         for i, m in enumerate(methods):
             pts = [r for r in best if r["setting"] == s and r["method"] == m]
-            ax.scatter([r["s_step_vs_sgd"] for r in pts], [r["gain"] for r in pts], marker=markers[i % len(markers)],
-                       c=[noises.index(r["noise"]) for r in pts], cmap="viridis", vmin=0,
-                       vmax=max(1, len(noises) - 1), label=m, edgecolors="k", linewidths=0.4)
+            sc = ax.scatter([r["s_step_vs_sgd"] for r in pts], [r["gain"] for r in pts],
+                            marker=markers[i % len(markers)], c=[r["noise"] for r in pts], cmap="viridis",
+                            vmin=min(noises), vmax=max(noises) + 1e-9, label=m, edgecolors="k", linewidths=0.4)
+        fig.colorbar(sc, ax=ax, label="label noise", ticks=noises)
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xlabel("seconds per step / SGD's")
         ax.set_ylabel("test accuracy gain over SGD (points)")
-        ax.set_title(f"{s} (colour: noise {', '.join(f'{n:g}' for n in noises)})", fontsize=9)
+        ax.set_title(f"{s}: each method at its best rho", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -622,20 +623,22 @@ def plot_acc_vs_eigenvalue(records: Sequence[dict[str, Any]], path: Path) -> Pat
     plt = _plt()
     ok = [r for r in records if r["status"] == "finished" and r.get("top_eig") is not None]
     settings = list(dict.fromkeys(r["setting"] for r in ok)) or ["-"]
-    fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(settings), figsize=(6.5 * len(settings), 4.6), squeeze=False)
     markers = "osD^v<>px*h"
     for ax, s in zip(axes[0], settings, strict=True):
         methods = list(dict.fromkeys(r["method"] for r in ok if r["setting"] == s))
         noises = sorted({r["noise"] for r in ok if r["setting"] == s})
         for i, m in enumerate(methods):
             pts = [r for r in ok if r["setting"] == s and r["method"] == m]
-            ax.scatter([max(r["top_eig"], 1e-6) for r in pts], [100 * r["test_acc"] for r in pts],
-                       marker=markers[i % len(markers)], c=[noises.index(r["noise"]) for r in pts], cmap="viridis",
-                       vmin=0, vmax=max(1, len(noises) - 1), label=m, edgecolors="k", linewidths=0.4, alpha=0.8)
+            sc = ax.scatter([max(r["top_eig"], 1e-6) for r in pts], [100 * r["test_acc"] for r in pts],
+                            marker=markers[i % len(markers)], c=[r["noise"] for r in pts], cmap="viridis",
+                            vmin=min(noises), vmax=max(noises) + 1e-9, label=m, edgecolors="k", linewidths=0.4,
+                            alpha=0.8)
+        fig.colorbar(sc, ax=ax, label="label noise", ticks=noises)
         ax.set_xscale("log")
         ax.set_xlabel("top Hessian eigenvalue of the training loss (final weights)")
         ax.set_ylabel("test accuracy %")
-        ax.set_title(f"{s} (colour: noise {', '.join(f'{n:g}' for n in noises)})", fontsize=9)
+        ax.set_title(f"{s}: every run", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
