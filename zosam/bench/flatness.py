@@ -765,6 +765,7 @@ def _report(records: list[dict[str, Any]], g: dict[str, Any], args: argparse.Nam
                                                 "records": records, "rows": rows, "decision": decision},
                                                indent=1, default=str))
     summary = {"settings": " ".join(g["plan"]), "plan": json.dumps(g["plan"]), "seeds": g["seeds"],
+               "setting_labels": "; ".join(f"{k}: {SETTINGS[k]['label']}" for k in g["plan"]),
                "overrides": " ".join(g["overrides"]), "jobs": args.jobs, "threads": args.threads,
                "planned_runs": g["planned_runs"], "runs": len(records),
                "failed": sum(r["status"] != "finished" for r in records),
