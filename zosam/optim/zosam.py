@@ -46,8 +46,8 @@ q = 1, ``sqrt(q / d)`` = 0.0045 at q = 16):
     guided, alpha 0.5, gradient        q = 1   0.097    q = 16  0.174
 
 Since ``e`` follows the surrogate, whose cosine with ``g`` is well below 1, a guided run
-needs a larger ``rho`` than SAM for the same ascent along ``g`` (about twice SAM's in a
-label-noise check).
+needs a larger ``rho`` than SAM (in a label-noise check on digits, an MLP with 40 %
+symmetric noise: best rho 2 to 3 for guided q = 1, 1.5 for SAM).
 
 Directions are drawn from a per-(seed, step, query) seed one parameter tensor at a time
 from a dedicated ``torch.Generator``, straight into the weights: no d-sized buffer per
