@@ -355,7 +355,8 @@ class PerturbationOptimizer(torch.optim.Optimizer):
         grads = [(p.grad, self.masks.get(p)) for p in self._params() if p.grad is not None]
         if not grads:
             return
-        sq = torch.stack([wide(g if m is None else g * m).pow(2).sum() for g, m in grads]).sum()
+        dev = grads[0][0].device  # a model may span devices: the per-tensor sums meet on one
+        sq = torch.stack([wide(g if m is None else g * m).pow(2).sum().to(dev) for g, m in grads]).sum()
         coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
         for g, _ in grads:
             g.mul_(coef.to(g.device, g.dtype))

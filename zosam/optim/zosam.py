@@ -15,6 +15,40 @@ Why the estimate is unbiased for Gaussian u: a Taylor expansion gives
 is about ``sqrt(q / d)``; restricting ``u`` to the active weights of a sparse model
 shrinks ``d`` to the number of active weights.
 
+Guided directions (``directions="guided"``, our extension; :mod:`zosam.optim.guided`)
+draw ``u = sqrt(alpha) z + sqrt((1 - alpha) d / k) U a`` from the span ``U`` of k surrogate
+gradients the step already holds (the gradient applied by the previous step; the base
+optimizer's momentum), ``E[u u^T] = alpha I + (1 - alpha) (d / k) U U^T``. The query pairs
+measure the current batch's directional derivatives along them.
+
+Bias and variance of the two estimators (central differences, exact on a quadratic;
+``g`` the batch gradient, ``P_U`` the projection onto the surrogates' span):
+
+- Gaussian: ``E[g_hat] = g`` (unbiased); ``E||g_hat - g||^2 = (d + 1) ||g||^2 / q``, so
+  the estimate is almost all noise: mean cosine with ``g`` about ``sqrt(2 / (pi d))`` at
+  q = 1 and ``sqrt(q / d)`` for larger q.
+- Guided: ``E[g_hat] = alpha g + (1 - alpha) (d / k) P_U g``, biased towards the
+  subspace; only its direction matters (``e`` is normalised). With ``alpha = 0`` the
+  estimate lies in the subspace, and with ``k = 1`` it has no direction noise at all:
+  ``g_hat = d a^2 (s_hat . g) s_hat``, so ``e = rho sign(s . g) s / ||s||`` for any draw
+  ``a``: the surrogate with its sign measured on this batch, cosine ``|cos(s, g)|``.
+  ``alpha > 0`` adds the Gaussian estimator's noise in proportion to ``alpha``.
+
+Measured mean cosine of ``g_hat`` with the batch gradient (the project's ``mlp``,
+d = 789,258, on digits 32x32, batch 64, along 220 steps of a guided run with SGD momentum
+0.9; 10 draws at each of 11 points; theory for Gaussian: ``sqrt(2 / (pi d))`` = 0.0009 at
+q = 1, ``sqrt(q / d)`` = 0.0045 at q = 16):
+
+    gaussian                           q = 1   0.0009   q = 16  0.0045
+    guided, alpha 0, gradient          q = 1   0.179    (the last gradient itself: 0.179)
+    guided, alpha 0, gradient+momentum q = 1   0.189
+    guided, alpha 0, momentum          q = 1   0.076
+    guided, alpha 0.5, gradient        q = 1   0.097    q = 16  0.174
+
+Since ``e`` follows the surrogate, whose cosine with ``g`` is well below 1, a guided run
+needs a larger ``rho`` than SAM (in a label-noise check on digits, an MLP with 40 %
+symmetric noise: best rho 2 to 3 for guided q = 1, 1.5 for SAM).
+
 Directions are drawn from a per-(seed, step, query) seed one parameter tensor at a time
 from a dedicated ``torch.Generator``, straight into the weights: no d-sized buffer per
 query, the global RNG is never touched, and a resumed run draws the same directions as
