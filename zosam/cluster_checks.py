@@ -24,6 +24,7 @@ the dotted path of the offending field.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -98,130 +99,82 @@ def validate_ray_cluster_config(path: str | Path) -> dict[str, Any]:
 
 _NAME = {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63}
 _STR_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
-_INT32 = {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}
-# Pod templates are checked by kubernetes-validate; here only "an object".
-_TEMPLATE = {"type": "object", "required": ["spec"]}
-
-_HEAD_GROUP = {
+# The CRDs say only "metadata: object" (the API server checks ObjectMeta itself): the part of
+# ObjectMeta a manifest sets.
+_METADATA = {
     "type": "object",
-    "required": ["template"],
-    "additionalProperties": False,
-    "properties": {
-        "template": _TEMPLATE,
-        "headService": {"type": "object"},
-        "enableIngress": {"type": "boolean"},
-        "rayStartParams": _STR_MAP,
-        "serviceType": {"enum": ["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"]},
-    },
-}
-_WORKER_GROUP = {
-    "type": "object",
-    "required": ["groupName", "template", "maxReplicas"],
-    "additionalProperties": False,
-    "properties": {
-        "suspend": {"type": "boolean"},
-        "groupName": _NAME,
-        "replicas": _INT32,
-        "minReplicas": _INT32,
-        "maxReplicas": _INT32,
-        "idleTimeoutSeconds": _INT32,
-        "rayStartParams": _STR_MAP,
-        "template": _TEMPLATE,
-        "scaleStrategy": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {"workersToDelete": {"type": "array", "items": {"type": "string"}}},
-        },
-        "numOfHosts": {"type": "integer", "minimum": 1},
-    },
-}
-_RAY_CLUSTER_SPEC = {
-    "type": "object",
-    "required": ["headGroupSpec"],
-    "additionalProperties": False,
-    "properties": {
-        "suspend": {"type": "boolean"},
-        "managedBy": {"enum": ["ray.io/kuberay-operator", "kueue.x-k8s.io/multikueue"]},
-        "autoscalerOptions": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "resources": {"type": "object"},
-                "image": {"type": "string"},
-                "imagePullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]},
-                "securityContext": {"type": "object"},
-                "idleTimeoutSeconds": _INT32,
-                "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]},
-                "env": {"type": "array"},
-                "envFrom": {"type": "array"},
-                "volumeMounts": {"type": "array"},
-            },
-        },
-        "headServiceAnnotations": _STR_MAP,
-        "enableInTreeAutoscaling": {"type": "boolean"},
-        "gcsFaultToleranceOptions": {"type": "object"},
-        "headGroupSpec": _HEAD_GROUP,
-        "rayVersion": {"type": "string", "pattern": r"^\d+\.\d+\.\d+$"},
-        "workerGroupSpecs": {"type": "array", "items": _WORKER_GROUP},
-    },
-}
-_RAY_JOB_SPEC = {
-    "type": "object",
-    "additionalProperties": False,
-    "properties": {
-        "activeDeadlineSeconds": {"type": "integer", "minimum": 1},
-        "backoffLimit": _INT32,
-        "rayClusterSpec": _RAY_CLUSTER_SPEC,
-        "submitterPodTemplate": _TEMPLATE,
-        "metadata": _STR_MAP,
-        "clusterSelector": _STR_MAP,
-        "submitterConfig": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {"backoffLimit": _INT32},
-        },
-        "managedBy": {"enum": ["ray.io/kuberay-operator", "kueue.x-k8s.io/multikueue"]},
-        "deletionPolicy": {"enum": ["DeleteCluster", "DeleteWorkers", "DeleteSelf", "DeleteNone"]},
-        "entrypoint": {"type": "string", "minLength": 1},
-        "runtimeEnvYAML": {"type": "string"},
-        "jobId": {"type": "string"},
-        "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode"]},
-        "entrypointResources": {"type": "string"},
-        "entrypointNumCpus": {"type": "number", "minimum": 0},
-        "entrypointNumGpus": {"type": "number", "minimum": 0},
-        "ttlSecondsAfterFinished": _INT32,
-        "shutdownAfterJobFinishes": {"type": "boolean"},
-        "suspend": {"type": "boolean"},
-    },
-    # A RayJob either brings its cluster or selects a running one.
-    "oneOf": [{"required": ["rayClusterSpec"]}, {"required": ["clusterSelector"]}],
+    "required": ["name"],
+    "properties": {"name": _NAME, "namespace": _NAME, "labels": _STR_MAP, "annotations": _STR_MAP},
 }
 
-
-def _crd_schema(kind: str, spec: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "required": ["apiVersion", "kind", "metadata", "spec"],
-        "additionalProperties": False,
-        "properties": {
-            "apiVersion": {"const": "ray.io/v1"},
-            "kind": {"const": kind},
-            "metadata": {
-                "type": "object",
-                "required": ["name"],
-                "properties": {"name": _NAME, "namespace": _NAME, "labels": _STR_MAP,
-                               "annotations": _STR_MAP},
-            },
-            "spec": spec,
-        },
-    }
+#: The KubeRay operator release whose CRDs the manifests are checked against; cluster/README.md
+#: installs this release's Helm chart.
+KUBERAY_VERSION = "1.7.0"
+#: CRD file of each KubeRay kind, as named under ``ray-operator/config/crd/bases/`` of the release.
+KUBERAY_CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
 
 
-#: Our own structural schemas of KubeRay's ``ray.io/v1`` resources (see module docstring).
-KUBERAY_SCHEMAS: dict[str, dict[str, Any]] = {
-    "RayCluster": _crd_schema("RayCluster", _RAY_CLUSTER_SPEC),
-    "RayJob": _crd_schema("RayJob", _RAY_JOB_SPEC),
-}
+def _strict(schema: Any) -> Any:
+    """A CRD's structural schema with unknown fields rejected, as ``kubectl apply`` does.
+
+    The API server prunes fields a structural schema does not declare, and rejects them under
+    strict field validation (kubectl's default); plain JSON Schema would let them pass. So
+    every object that declares ``properties`` (and neither ``additionalProperties`` nor
+    ``x-kubernetes-preserve-unknown-fields``) gets ``additionalProperties: false``, and
+    OpenAPI's ``nullable`` becomes a ``null`` type.
+    """
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: _strict(value) for key, value in schema.items()}
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    if out.pop("nullable", False) and isinstance(out.get("type"), str):
+        out["type"] = [out["type"], "null"]
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def load_kuberay_schemas(crd_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """JSON schemas of KubeRay's ``ray.io/v1`` kinds, from the operator's CRD files.
+
+    Args:
+        crd_dir: a folder with the release's ``ray.io_rayclusters.yaml`` and
+            ``ray.io_rayjobs.yaml`` (``tests/data/kuberay-crds/v<KUBERAY_VERSION>/``).
+
+    Returns:
+        kind -> the ``openAPIV3Schema`` of its ``v1`` version, made strict (:func:`_strict`),
+        with ``apiVersion``, ``kind``, ``metadata`` and ``spec`` required.
+
+    Raises:
+        ClusterConfigError: a file is missing or is not the CRD of that kind with a v1 version.
+    """
+    schemas = {}
+    for kind, name in KUBERAY_CRD_FILES.items():
+        path = Path(crd_dir) / name
+        if not path.is_file():
+            raise ClusterConfigError(f"{path}: KubeRay CRD file of {kind} not found")
+        crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        if not isinstance(crd, dict) or crd.get("kind") != "CustomResourceDefinition" or (
+            crd["spec"]["names"]["kind"] != kind
+        ):
+            raise ClusterConfigError(f"{path}: not the CustomResourceDefinition of {kind}")
+        v1 = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+        if not v1:
+            raise ClusterConfigError(f"{path}: the CRD of {kind} has no v1 version")
+        schema = _strict(v1[0]["schema"]["openAPIV3Schema"])
+        schema["required"] = ["apiVersion", "kind", "metadata", "spec"]
+        schema["properties"]["apiVersion"] = {"const": "ray.io/v1"}
+        schema["properties"]["kind"] = {"const": kind}
+        schema["properties"]["metadata"] = _METADATA
+        schema["properties"].pop("status", None)  # written by the operator, not by a manifest
+        schemas[kind] = schema
+    return schemas
 
 
 def _kuberay_pod_templates(kind: str, spec: Mapping[str, Any]) -> Iterator[tuple[str, dict]]:
@@ -278,11 +231,16 @@ def _validate_standard(where: str, obj: dict[str, Any], version: str) -> None:
         raise ClusterConfigError(f"{where}: {err.message}") from None
 
 
-def _validate_kuberay(where: str, obj: dict[str, Any], version: str) -> None:
+@functools.lru_cache(maxsize=4)
+def _kuberay_validators(crd_dir: str) -> dict[str, Any]:
     import jsonschema
 
+    return {kind: jsonschema.Draft202012Validator(s) for kind, s in load_kuberay_schemas(crd_dir).items()}
+
+
+def _validate_kuberay(where: str, obj: dict[str, Any], version: str, crd_dir: str | Path) -> None:
     kind = obj["kind"]
-    validator = jsonschema.Draft202012Validator(KUBERAY_SCHEMAS[kind])
+    validator = _kuberay_validators(str(crd_dir))[kind]
     # Report the deepest error first: it names the field rather than a whole subtree.
     errors = sorted(validator.iter_errors(obj), key=lambda e: -len(e.absolute_path))
     if errors:
@@ -309,12 +267,16 @@ def _validate_kuberay(where: str, obj: dict[str, Any], version: str) -> None:
         _check_extended_resources(where, tmpl_path, template.get("spec", {}))
 
 
-def validate_k8s_manifests(path: str | Path, *, version: str = KUBERNETES_VERSION) -> list[str]:
+def validate_k8s_manifests(
+    path: str | Path, *, version: str = KUBERNETES_VERSION, kuberay_crds: str | Path | None = None
+) -> list[str]:
     """Validate every object of a (multi-document) Kubernetes YAML file, offline.
 
     Args:
         path: a manifest file (``cluster/kuberay/*.yaml``).
         version: Kubernetes version whose schemas are used.
+        kuberay_crds: folder of the KubeRay release's CRD files (:func:`load_kuberay_schemas`);
+            needed only when the file holds a ``ray.io`` object.
 
     Returns:
         ``"Kind/name"`` of every validated object, in file order.
@@ -331,9 +293,17 @@ def validate_k8s_manifests(path: str | Path, *, version: str = KUBERNETES_VERSIO
         name = (obj.get("metadata") or {}).get("name", "?")
         where = f"{path}: {obj['kind']}/{name}"
         if obj["apiVersion"].startswith("ray.io/"):
-            if obj["kind"] not in KUBERAY_SCHEMAS:
-                raise ClusterConfigError(f"{where}: no schema for KubeRay kind {obj['kind']!r}")
-            _validate_kuberay(where, obj, version)
+            if obj["kind"] not in KUBERAY_CRD_FILES:
+                raise ClusterConfigError(
+                    f"{where}: no schema for KubeRay kind {obj['kind']!r}; "
+                    f"allowed: {', '.join(KUBERAY_CRD_FILES)}"
+                )
+            if kuberay_crds is None:
+                raise ClusterConfigError(
+                    f"{where}: KubeRay objects are checked against the operator's CRDs: pass "
+                    f"kuberay_crds=<folder with {', '.join(KUBERAY_CRD_FILES.values())}>"
+                )
+            _validate_kuberay(where, obj, version, kuberay_crds)
         else:
             _validate_standard(where, obj, version)
             if obj["kind"] in ("Deployment", "StatefulSet", "Job", "DaemonSet"):
