@@ -1,12 +1,15 @@
 """Offline validation of everything under cluster/: launcher configs, manifests, README commands.
 
-No network and no cluster: Ray's own cluster-config validation, kubernetes-validate (plus
-the project's KubeRay schema) and the zosam CLI parser, on the files as committed. Each
-validator also gets a deliberately broken copy, which must be rejected naming the field.
+No network and no cluster: Ray's own cluster-config validation, kubernetes-validate, the
+KubeRay operator's CRD schemas of the pinned release (tests/data/kuberay-crds/), the security
+checks (Ray token auth, securityContexts, NetworkPolicies, MLflow auth) and the zosam CLI
+parser, on the files as committed. Each validator also gets deliberately broken copies, which
+must be rejected naming the field.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shlex
@@ -18,7 +21,11 @@ import pytest
 import yaml
 
 from zosam.cluster_checks import (
+    KUBERAY_VERSION,
     ClusterConfigError,
+    check_kuberay_security,
+    check_launcher_security,
+    check_mlflow_server_command,
     check_multi_node_settings,
     validate_k8s_manifests,
     validate_ray_cluster_config,
@@ -29,6 +36,7 @@ CLUSTER = ROOT / "cluster"
 RAY_CONFIGS = sorted(CLUSTER.glob("*.yaml"))
 K8S_MANIFESTS = sorted((CLUSTER / "kuberay").glob("*.yaml"))
 README = CLUSTER / "README.md"
+KUBERAY_CRDS = ROOT / "tests" / "data" / "kuberay-crds" / f"v{KUBERAY_VERSION}"
 REQUIRED_ENV = ("MLFLOW_TRACKING_URI", "ZOSAM_STORAGE_PATH", "ZOSAM_DATA_DIR")
 
 
@@ -50,7 +58,7 @@ def test_all_cluster_files_are_covered() -> None:
     """The parametrisations below see every config: two launcher configs, four manifests."""
     assert [p.name for p in RAY_CONFIGS] == ["aws.yaml", "gcp.yaml"]
     assert [p.name for p in K8S_MANIFESTS] == [
-        "common.yaml", "mlflow.yaml", "raycluster.yaml", "rayjob.yaml"
+        "common.yaml", "mlflow.yaml", "networkpolicy.yaml", "raycluster.yaml", "rayjob.yaml"
     ]
 
 
@@ -85,6 +93,32 @@ def test_dockerfile_pins_pyproject_versions() -> None:
     text = (CLUSTER / "Dockerfile").read_text()
     for pin in _pyproject_pins():
         assert pin in text, f"cluster/Dockerfile lacks {pin}"
+    # The MLflow server's image: the client's MLflow, with the auth extra, every package pinned.
+    mlflow_pin = next(p for p in _pyproject_pins() if p.startswith("mlflow=="))
+    installs = re.findall(r"pip install (.+?)(?:\\\n|$|&&)", (CLUSTER / "mlflow.Dockerfile").read_text())
+    packages = [t.strip("'") for line in installs for t in shlex.split(line) if not t.startswith("-")]
+    assert f"mlflow[auth]=={mlflow_pin.split('==')[1]}" in packages
+    assert packages and all(re.fullmatch(r"[\w.\-\[\]]+==[\w.]+", p) for p in packages), packages
+
+
+def test_images_run_as_a_numeric_non_root_user() -> None:
+    """runAsNonRoot can only be verified by the kubelet for a numeric USER."""
+    for name, user in (("Dockerfile", "1000:100"), ("mlflow.Dockerfile", "10001:10001")):
+        users = re.findall(r"^USER (\S+)$", (CLUSTER / name).read_text(), flags=re.M)
+        assert users[-1] == user, name
+
+
+def test_dockerignore_keeps_results_and_secrets_out_of_the_image() -> None:
+    # A git pattern without a slash matches at any depth: "**/X" in Docker's syntax.
+    ignored = {line.strip().rstrip("/").removeprefix("**/") for line in
+               (CLUSTER / "Dockerfile.dockerignore").read_text().splitlines() if line.strip() and not line.startswith("#")}
+    gitignored = {line.strip().rstrip("/") for line in (ROOT / ".gitignore").read_text().splitlines()
+                  if line.strip() and not line.startswith("#")}
+    assert gitignored - ignored == set(), "ignored by git but sent to the image build"
+    for name in (".venv", "mlflow.db", "mlruns", "runs", "ray_results", "sweep_outputs", "compare", ".cache",
+                 "cluster/zosam.env", "cluster/mlflow-auth.ini"):
+        assert name in ignored, name
+    assert {"zosam.env", "mlflow-auth.ini"} <= set((CLUSTER / ".gitignore").read_text().split())
 
 
 def test_images_match_the_pinned_ray_version() -> None:
@@ -113,9 +147,18 @@ def test_environment_variables_are_the_same_everywhere() -> None:
                      if d["kind"] == "ConfigMap")["data"]
     for name in REQUIRED_ENV:
         assert name in example and name in configmap, name
-    # Same variable names on both targets (auth is launcher-only, see README).
-    assert set(example) - {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} == set(configmap)
+    # Same variable names on both targets; on Kubernetes the secrets come from Secrets
+    # (Ray's token through authOptions, the MLflow user through envFrom of mlflow-client).
+    secrets = {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
+    assert secrets <= set(example)
+    assert set(example) - secrets == set(configmap)
     assert configmap["MLFLOW_TRACKING_URI"].startswith("http://")
+    assert example["RAY_AUTH_MODE"] == "token"
+    spec = _load(CLUSTER / "kuberay" / "raycluster.yaml")[0]["spec"]
+    for tmpl in [spec["headGroupSpec"]["template"], *(g["template"] for g in spec["workerGroupSpecs"])]:
+        env_from = tmpl["spec"]["containers"][0]["envFrom"]
+        assert {"configMapRef": {"name": "zosam-env"}} in env_from
+        assert {"secretRef": {"name": "mlflow-client"}} in env_from
 
 
 @pytest.mark.parametrize(
@@ -142,11 +185,13 @@ def test_broken_ray_cluster_config_is_rejected(tmp_path: Path, mutate, field: st
 
 @pytest.mark.parametrize("path", K8S_MANIFESTS, ids=_ids(K8S_MANIFESTS))
 def test_k8s_manifests_are_valid(path: Path) -> None:
-    checked = validate_k8s_manifests(path)
+    checked = validate_k8s_manifests(path, kuberay_crds=KUBERAY_CRDS)
     expected = {
         "common.yaml": ["ConfigMap/zosam-env", "PersistentVolumeClaim/zosam-data",
                         "ServiceAccount/zosam-ray"],
         "mlflow.yaml": ["Deployment/mlflow", "Service/mlflow"],
+        "networkpolicy.yaml": ["NetworkPolicy/zosam-default-deny-ingress", "NetworkPolicy/zosam-ray-cluster",
+                               "NetworkPolicy/zosam-ray-head-clients", "NetworkPolicy/zosam-mlflow"],
         "raycluster.yaml": ["RayCluster/zosam"],
         "rayjob.yaml": ["RayJob/zosam-imagenet-deit"],
     }
@@ -172,16 +217,42 @@ def test_gpu_worker_groups_request_gpus() -> None:
     assert "nvidia.com/gpu" not in head["limits"]
 
 
-def test_mlflow_server_uses_database_and_object_store() -> None:
+def test_mlflow_server_uses_database_object_store_and_auth() -> None:
     deployment = _load(CLUSTER / "kuberay" / "mlflow.yaml")[0]
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    env = {e["name"]: e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"]}
-    assert env == {"MLFLOW_BACKEND_STORE_URI": "backend-store-uri",
-                   "MLFLOW_ARTIFACTS_DESTINATION": "artifacts-destination"}
-    command = " ".join(container["args"])
-    assert '--backend-store-uri "$MLFLOW_BACKEND_STORE_URI"' in command
-    assert "mlflow==" + next(p for p in _pyproject_pins() if p.startswith("mlflow==")).split(
-        "==")[1] in command
+    secret_env = {e["name"]: (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+                  for e in container["env"] if "valueFrom" in e}
+    assert secret_env == {
+        "MLFLOW_BACKEND_STORE_URI": ("mlflow-store", "backend-store-uri"),
+        "MLFLOW_ARTIFACTS_DESTINATION": ("mlflow-store", "artifacts-destination"),
+        "MLFLOW_AUTH_ADMIN_USERNAME": ("mlflow-auth", "admin-username"),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": ("mlflow-auth", "admin-password"),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": ("mlflow-auth", "flask-secret-key"),
+    }
+    args = container["args"]
+    assert args[args.index("--backend-store-uri") + 1] == "$(MLFLOW_BACKEND_STORE_URI)"
+    assert args[args.index("--app-name") + 1] == "basic-auth"
+    assert "command" not in container  # the image's entrypoint: nothing installed at start
+    # The auth config file is the Secret's key, mounted where MLFLOW_AUTH_CONFIG_PATH points.
+    config_path = next(e["value"] for e in container["env"] if e["name"] == "MLFLOW_AUTH_CONFIG_PATH")
+    mount = next(m for m in container["volumeMounts"] if config_path.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+    assert volume["secret"]["secretName"] == "mlflow-auth"
+    assert volume["secret"]["items"] == [{"key": Path(config_path).name, "path": Path(config_path).name}]
+
+
+def test_mlflow_auth_config_example_is_read_by_mlflow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow's own parser reads the example: a persistent user store, no password in the file."""
+    from mlflow.server.auth.config import read_auth_config
+
+    for var in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(CLUSTER / "mlflow-auth.ini.example"))
+    config = read_auth_config()
+    assert config.default_permission == "READ"
+    assert config.database_uri.startswith("postgresql://")
+    assert config.admin_password is None  # from the Secret / environment, never the file
+    assert config.authorization_function == "mlflow.server.auth:authenticate_request_basic_auth"
 
 
 def _mutate_k8s(path: str, mutate) -> str:
@@ -212,15 +283,54 @@ def _mutate_k8s(path: str, mutate) -> str:
          "nvidia.com/gpu"),
         ("mlflow.yaml", lambda d: d[1]["spec"]["ports"][0].update(port="5000"),
          "spec.ports[0].port"),
+        # Fields the KubeRay v1 CRD does not have: the review's deletionPolicy (a RayJob field
+        # only up to KubeRay 1.4), misspelt and unknown fields at several depths.
+        ("rayjob.yaml", lambda d: d[0]["spec"].update(deletionPolicy="DeleteCluster"), "deletionPolicy"),
+        ("raycluster.yaml", lambda d: d[0]["spec"].update(enableInTreeAutoscalling=True),
+         "enableInTreeAutoscalling"),
+        ("raycluster.yaml", lambda d: d[0]["spec"]["authOptions"].update(secretNmae="x"), "secretNmae"),
+        ("rayjob.yaml", lambda d: d[0]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].update(maxReplica=4),
+         "maxReplica"),
+        ("rayjob.yaml",
+         lambda d: d[0]["spec"]["submitterPodTemplate"]["spec"]["containers"][0].update(imagee="x"),
+         "spec.submitterPodTemplate.spec.containers[0]"),
+        # Types and enums of the CRD.
+        ("raycluster.yaml", lambda d: d[0]["spec"]["authOptions"].update(mode="on"), "spec.authOptions.mode"),
+        ("raycluster.yaml", lambda d: d[0]["spec"]["workerGroupSpecs"][1].update(maxReplicas="8"),
+         "spec.workerGroupSpecs[1].maxReplicas"),
+        ("raycluster.yaml", lambda d: d[0].update(apiVersion="ray.io/v2"), "apiVersion"),
     ],
     ids=["pod-template-typo", "raystartparams-int", "rayjob-typo", "replicas-order",
-         "gpu-request-ne-limit", "service-port-type"],
+         "gpu-request-ne-limit", "service-port-type", "rayjob-deletionPolicy", "raycluster-typo",
+         "authoptions-typo", "workergroup-typo", "submitter-typo", "auth-mode-enum", "replicas-type",
+         "api-version"],
 )
 def test_broken_k8s_manifest_is_rejected(tmp_path: Path, path: str, mutate, field: str) -> None:
     broken = tmp_path / path
     broken.write_text(_mutate_k8s(path, mutate))
     with pytest.raises(ClusterConfigError, match=re.escape(field)):
-        validate_k8s_manifests(broken)
+        validate_k8s_manifests(broken, kuberay_crds=KUBERAY_CRDS)
+
+
+def test_kuberay_needs_the_crds(tmp_path: Path) -> None:
+    with pytest.raises(ClusterConfigError, match="kuberay_crds="):
+        validate_k8s_manifests(CLUSTER / "kuberay" / "raycluster.yaml")
+    (tmp_path / "ray.io_rayclusters.yaml").write_text((KUBERAY_CRDS / "ray.io_rayjobs.yaml").read_text())
+    with pytest.raises(ClusterConfigError, match="not the CustomResourceDefinition of RayCluster"):
+        validate_k8s_manifests(CLUSTER / "kuberay" / "raycluster.yaml", kuberay_crds=tmp_path)
+
+
+def test_kuberay_crds_are_the_pinned_release() -> None:
+    """One KubeRay version everywhere: the CRD folder, the checker, the README's Helm install;
+    the CRD files are those of the release (the checksums of tests/data/kuberay-crds/README.md)."""
+    readme = (KUBERAY_CRDS.parent / "README.md").read_text()
+    assert f"KubeRay **v{KUBERAY_VERSION}**" in readme
+    assert sorted(p.name for p in KUBERAY_CRDS.iterdir()) == ["ray.io_rayclusters.yaml", "ray.io_rayjobs.yaml"]
+    for path in KUBERAY_CRDS.iterdir():
+        assert f"`{path.name}` `{hashlib.sha256(path.read_bytes()).hexdigest()}`" in readme, path.name
+    installs = [a for a in _readme_commands() if a[:2] == ["helm", "install"]]
+    assert installs and all(a[a.index("--version") + 1] == KUBERAY_VERSION for a in installs)
+    assert all(a[a.index("--namespace") + 1] == "kuberay-system" for a in installs)  # networkpolicy.yaml
 
 
 # ----------------------------------------------------------------- README commands
