@@ -9,6 +9,7 @@ must be rejected naming the field.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -110,8 +111,9 @@ def test_images_run_as_a_numeric_non_root_user() -> None:
 
 def test_dockerignore_keeps_results_and_secrets_out_of_the_image() -> None:
     # A git pattern without a slash matches at any depth: "**/X" in Docker's syntax.
-    ignored = {line.strip().rstrip("/").removeprefix("**/") for line in
-               (CLUSTER / "Dockerfile.dockerignore").read_text().splitlines() if line.strip() and not line.startswith("#")}
+    lines = (CLUSTER / "Dockerfile.dockerignore").read_text().splitlines()
+    ignored = {line.strip().rstrip("/").removeprefix("**/") for line in lines
+               if line.strip() and not line.startswith("#")}
     gitignored = {line.strip().rstrip("/") for line in (ROOT / ".gitignore").read_text().splitlines()
                   if line.strip() and not line.startswith("#")}
     assert gitignored - ignored == set(), "ignored by git but sent to the image build"
@@ -331,6 +333,159 @@ def test_kuberay_crds_are_the_pinned_release() -> None:
     installs = [a for a in _readme_commands() if a[:2] == ["helm", "install"]]
     assert installs and all(a[a.index("--version") + 1] == KUBERAY_VERSION for a in installs)
     assert all(a[a.index("--namespace") + 1] == "kuberay-system" for a in installs)  # networkpolicy.yaml
+
+
+# ----------------------------------------------------------------- security
+
+
+def test_kuberay_manifests_are_secure() -> None:
+    """Token auth, restricted containers, MLflow auth, and the NetworkPolicies admit exactly the
+    head's clients: every pod of the manifests, a stranger and the operator are tried."""
+    admitted = [a.replace(f"{ROOT}/", "") for a in check_kuberay_security(K8S_MANIFESTS)]
+    head = "cluster/kuberay/raycluster.yaml: RayCluster/zosam: spec.headGroupSpec.template"
+    submitter = "cluster/kuberay/rayjob.yaml: RayJob/zosam-imagenet-deit: spec.submitterPodTemplate"
+    worker = "cluster/kuberay/raycluster.yaml: RayCluster/zosam: spec.workerGroupSpecs[0].template"
+    mlflow = "cluster/kuberay/mlflow.yaml: Deployment/mlflow: spec.template"
+    for port in (6379, 8265, 10001):
+        assert f"{worker} -> {head}:{port}" in admitted
+    assert [a for a in admitted if a.startswith(submitter)] == [
+        f"{submitter} -> {head}:8265",
+        f"{submitter} -> cluster/kuberay/rayjob.yaml: RayJob/zosam-imagenet-deit: "
+        "spec.rayClusterSpec.headGroupSpec.template:8265",
+    ]
+    assert not [a for a in admitted if a.startswith(("any other pod", "a pod of another", mlflow))]
+    assert f"{worker} -> {mlflow}:5000" in admitted
+
+
+def _security_of_mutated(tmp_path: Path, name: str, mutate) -> None:
+    """check_kuberay_security over all manifests, one of them mutated (or removed: mutate=None)."""
+    paths = []
+    for path in K8S_MANIFESTS:
+        if path.name == name and mutate is None:
+            continue
+        docs = _load(path)
+        if path.name == name:
+            mutate(docs)
+        paths.append(tmp_path / path.name)
+        paths[-1].write_text(yaml.safe_dump_all(docs))
+    check_kuberay_security(paths)
+
+
+def _worker_container(d):
+    return d[0]["spec"]["workerGroupSpecs"][1]["template"]["spec"]["containers"][0]
+
+
+def _mlflow_container(d):
+    return d[0]["spec"]["template"]["spec"]["containers"][0]
+
+
+@pytest.mark.parametrize(
+    ("name", "mutate", "error"),
+    [
+        ("raycluster.yaml", lambda d: d[0]["spec"].pop("authOptions"), "spec.authOptions.mode"),
+        ("rayjob.yaml", lambda d: d[0]["spec"]["rayClusterSpec"]["authOptions"].update(mode="disabled"),
+         "spec.rayClusterSpec.authOptions.mode"),
+        ("raycluster.yaml", lambda d: _worker_container(d)["securityContext"].pop("allowPrivilegeEscalation"),
+         "workerGroupSpecs[1].template.spec.containers[0].securityContext: allowPrivilegeEscalation"),
+        ("raycluster.yaml", lambda d: _worker_container(d)["securityContext"].update(readOnlyRootFilesystem=False),
+         "readOnlyRootFilesystem must be true"),
+        ("raycluster.yaml", lambda d: _worker_container(d)["securityContext"]["capabilities"].update(drop=["NET_RAW"]),
+         "capabilities must drop ALL"),
+        ("raycluster.yaml", lambda d: _worker_container(d)["securityContext"].update(runAsUser=0),
+         "runAsUser must not be 0"),
+        # runAsNonRoot / seccomp may come from the pod; missing in both is an error.
+        ("raycluster.yaml", lambda d: (_worker_container(d)["securityContext"].pop("seccompProfile"),
+                                       d[0]["spec"]["workerGroupSpecs"][1]["template"]["spec"]["securityContext"]
+                                       .pop("seccompProfile")), "seccompProfile.type"),
+        ("raycluster.yaml", lambda d: d[0]["spec"]["autoscalerOptions"].pop("securityContext"),
+         "spec.autoscalerOptions.securityContext"),
+        ("rayjob.yaml", lambda d: d[0]["spec"].pop("submitterPodTemplate"), "spec.submitterPodTemplate"),
+        ("raycluster.yaml", lambda d: d[0]["spec"]["headGroupSpec"].update(serviceType="LoadBalancer"),
+         "must stay ClusterIP"),
+        ("mlflow.yaml", lambda d: d[1]["spec"].update(type="NodePort"), "Service/mlflow: spec.type"),
+        # MLflow on 0.0.0.0 without its auth app; MLflow pip-installed at start (the old manifest).
+        ("mlflow.yaml", lambda d: _mlflow_container(d)["args"].__delitem__(slice(0, 2)),
+         "listens on '0.0.0.0' without authentication"),
+        ("mlflow.yaml", lambda d: _mlflow_container(d).update(command=["sh", "-c"], args=[
+            "pip install mlflow==3.17.2 && exec mlflow server --host 0.0.0.0 --app-name basic-auth"]),
+         "`pip install`"),
+        ("mlflow.yaml", lambda d: (_mlflow_container(d)["securityContext"].pop("runAsNonRoot"),
+                                   d[0]["spec"]["template"]["spec"]["securityContext"].pop("runAsNonRoot")),
+         "runAsNonRoot must be true"),
+        # NetworkPolicies: none at all; one that admits every source to the head; the submitter's
+        # port moved off the job API; the Ray pods' mutual rule narrowed to the head ports.
+        ("networkpolicy.yaml", None, "port 6379 admits any other pod of the namespace"),
+        ("networkpolicy.yaml", lambda d: d[2]["spec"]["ingress"].append({"ports": [{"port": 6379}]}),
+         "port 6379 admits"),
+        ("networkpolicy.yaml", lambda d: d[2]["spec"]["ingress"][0].update(ports=[{"port": 10001}]),
+         "RayJob/zosam-imagenet-deit: spec.submitterPodTemplate, which needs it"),
+        ("networkpolicy.yaml", lambda d: d[1]["spec"]["ingress"][0].update(
+            ports=[{"port": 6379}, {"port": 8265}, {"port": 10001}]), "Ray's run-time ports"),
+        ("networkpolicy.yaml", lambda d: d[3]["spec"]["ingress"][0].update(**{"from": []}),
+         "port 5000 admits"),
+    ],
+    ids=["no-auth", "auth-disabled", "privilege-escalation", "writable-root", "capabilities", "root-user",
+         "no-seccomp", "autoscaler-unrestricted", "default-submitter", "head-loadbalancer", "mlflow-nodeport",
+         "mlflow-no-auth", "mlflow-pip-at-start", "mlflow-root", "no-networkpolicy", "head-open-6379",
+         "submitter-blocked", "ray-pods-blocked", "mlflow-open"],
+)
+def test_insecure_kuberay_manifests_are_rejected(tmp_path: Path, name: str, mutate, error: str) -> None:
+    with pytest.raises(ClusterConfigError, match=re.escape(error)):
+        _security_of_mutated(tmp_path, name, mutate)
+
+
+@pytest.mark.parametrize("path", RAY_CONFIGS, ids=_ids(RAY_CONFIGS))
+def test_launcher_configs_require_ray_auth(path: Path, tmp_path: Path) -> None:
+    check_launcher_security(path)
+    config = _load(path)[0]
+    broken = tmp_path / path.name
+    for key, old, new, error in [
+        ("worker_start_ray_commands", "export RAY_AUTH_MODE=token &&", "", "export RAY_AUTH_MODE=token"),
+        ("head_start_ray_commands", ': "${RAY_AUTH_TOKEN:?', ': "${RAY_AUTH_TOKEN:-', "RAY_AUTH_TOKEN:?"),
+        ("head_start_ray_commands", "--dashboard-host=127.0.0.1", "--dashboard-host=0.0.0.0", "--dashboard-host"),
+    ]:
+        mutated = copy.deepcopy(config)
+        mutated[key] = [c.replace(old, new) for c in mutated[key]]
+        assert mutated != config
+        broken.write_text(yaml.safe_dump(mutated))
+        with pytest.raises(ClusterConfigError, match=re.escape(error)):
+            check_launcher_security(broken)
+
+
+@pytest.mark.parametrize(
+    ("command", "ok"),
+    [
+        # The VM recipe cluster/README.md had before: 0.0.0.0 and no authentication.
+        ("mlflow server --host 0.0.0.0 --port 5000 --backend-store-uri postgresql://x", False),
+        ("mlflow server --host=0.0.0.0", False),
+        ("mlflow server -h 10.0.0.5 --app-name other-app", False),
+        ("pip install mlflow && exec mlflow server --host 0.0.0.0 --workers 2", False),
+        ("mlflow server --app-name basic-auth --host 0.0.0.0 --port 5000", True),
+        ("mlflow server --app-name=basic-auth --host 10.0.0.5", True),
+        ("mlflow server --port 5000", True),  # MLflow's default host is 127.0.0.1
+        ("mlflow server --host 127.0.0.1 && mlflow server --host 0.0.0.0", False),
+        ("mlflow ui --host 127.0.0.1", True),
+    ],
+)
+def test_check_mlflow_server_command(command: str, ok: bool) -> None:
+    if ok:
+        check_mlflow_server_command(command)
+    else:
+        with pytest.raises(ClusterConfigError, match="without authentication"):
+            check_mlflow_server_command(command)
+    with pytest.raises(ClusterConfigError, match=re.escape("'0.0.0.0'")):
+        check_mlflow_server_command("mlflow server", env={"MLFLOW_HOST": "0.0.0.0"})
+
+
+def test_readme_mlflow_servers_require_auth() -> None:
+    """Every `mlflow server` cluster/README.md shows, in code blocks or inline, passes the check."""
+    servers = [line[line.index("mlflow server"):].split("`")[0] for line in README.read_text().splitlines()
+               if "mlflow server" in line]
+    authenticated = 0
+    for command in servers:
+        check_mlflow_server_command(command, "cluster/README.md: ")
+        authenticated += "--app-name basic-auth" in command
+    assert authenticated >= 1, servers
 
 
 # ----------------------------------------------------------------- README commands

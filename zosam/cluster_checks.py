@@ -585,9 +585,9 @@ def _check_network_policies(pods: list[_Pod], policies: list[dict[str, Any]]) ->
     operator = _Source("the KubeRay operator", dict(KUBERAY_OPERATOR_LABELS),
                        {"kubernetes.io/metadata.name": KUBERAY_OPERATOR_NAMESPACE})
     sources = [
-        *(_Source(p.where, p.labels, {}) for p in pods),
         _Source("any other pod of the namespace", {}, {}),
         _Source("a pod of another namespace", {}, {"kubernetes.io/metadata.name": "elsewhere"}),
+        *(_Source(p.where, p.labels, {}) for p in pods),
         operator,
     ]
     roles = {p.where: p.role for p in pods}
