@@ -245,8 +245,17 @@ def test_mlflow_server_uses_database_object_store_and_auth() -> None:
 
 def test_mlflow_auth_config_example_is_read_by_mlflow(monkeypatch: pytest.MonkeyPatch) -> None:
     """MLflow's own parser reads the example: a persistent user store, no password in the file."""
-    from mlflow.server.auth.config import read_auth_config
+    import importlib.util
 
+    import mlflow.environment_variables
+
+    # MLflow's config reader, loaded by itself: importing it as mlflow.server.auth.config would
+    # first import the whole auth app (Flask, every handler), 5-15 s on a 2-core CI machine.
+    path = Path(mlflow.environment_variables.__file__).parent / "server" / "auth" / "config.py"
+    spec = importlib.util.spec_from_file_location("mlflow_auth_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    read_auth_config = module.read_auth_config
     for var in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(CLUSTER / "mlflow-auth.ini.example"))
@@ -317,7 +326,9 @@ def test_broken_k8s_manifest_is_rejected(tmp_path: Path, path: str, mutate, fiel
 def test_kuberay_needs_the_crds(tmp_path: Path) -> None:
     with pytest.raises(ClusterConfigError, match="kuberay_crds="):
         validate_k8s_manifests(CLUSTER / "kuberay" / "raycluster.yaml")
-    (tmp_path / "ray.io_rayclusters.yaml").write_text((KUBERAY_CRDS / "ray.io_rayjobs.yaml").read_text())
+    (tmp_path / "ray.io_rayclusters.yaml").write_text(yaml.safe_dump(  # another kind's CRD in its place
+        {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+         "spec": {"names": {"kind": "RayJob"}, "versions": []}}))
     with pytest.raises(ClusterConfigError, match="not the CustomResourceDefinition of RayCluster"):
         validate_k8s_manifests(CLUSTER / "kuberay" / "raycluster.yaml", kuberay_crds=tmp_path)
 
