@@ -540,7 +540,9 @@ def check_kuberay_security(paths: list[str | Path]) -> list[str]:
     pods: list[_Pod] = []
     policies: list[dict[str, Any]] = []
     for path in map(Path, paths):
-        for obj in _load_yaml_documents(path):
+        for index, obj in enumerate(_load_yaml_documents(path)):
+            if not isinstance(obj, dict) or "kind" not in obj:
+                raise ClusterConfigError(f"{path}: document {index}: needs apiVersion and kind")
             name = (obj.get("metadata") or {}).get("name", "?")
             where = f"{path}: {obj['kind']}/{name}"
             spec = obj.get("spec", {})
