@@ -1,4 +1,5 @@
-"""ZO-SAM under torch.distributed (gloo, 2 CPU processes) equals one process on the whole batch."""
+"""ZO-SAM under torch.distributed (gloo, 2 CPU processes) equals one process on the whole batch,
+with Gaussian and with guided directions (one spawn for both: starting the processes is the cost)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from zosam.optim import ZOSAM, make_closure
 pytestmark = pytest.mark.distributed
 
 STEPS, BATCH = 4, 16
+DIRECTIONS = ("gaussian", "guided")
 
 
 def _model() -> nn.Module:  # no BatchNorm: per-rank batch statistics would differ
@@ -38,8 +40,11 @@ def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
             for _ in range(STEPS)]
 
 
-def _train(model: nn.Module, rank: int, world: int) -> None:
-    opt = ZOSAM(model.parameters(), torch.optim.SGD, model=model, q=2, mu=1e-2, seed=5, lr=0.2, momentum=0.9)
+def _train(model: nn.Module, rank: int, world: int, directions: str) -> None:
+    # Guided: the surrogates (the DDP-averaged applied gradient and the momentum built from
+    # it) must be the same on every rank, or the ranks would perturb differently.
+    opt = ZOSAM(model.parameters(), torch.optim.SGD, model=model, q=2, mu=1e-2, seed=5, lr=0.2, momentum=0.9,
+                directions=directions, guide="gradient+momentum", alpha=0.3)
     half = BATCH // world
     for x, y in _batches():
         xs, ys = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
@@ -50,9 +55,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        model = _model()
-        _train(DDP(model), rank, world)
-        torch.save([p.detach() for p in model.parameters()], f"{out}/rank{rank}.pt")
+        for directions in DIRECTIONS:
+            model = _model()
+            _train(DDP(model), rank, world, directions)
+            torch.save([p.detach() for p in model.parameters()], f"{out}/{directions}{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -65,11 +71,12 @@ def _free_port() -> int:
 
 def test_two_gloo_ranks_match_one_process_on_the_whole_batch(tmp_path: Path) -> None:
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    single = _model()
-    _train(single, 0, 1)
-    for a, b, s in zip(r0, r1, single.parameters(), strict=True):
-        assert torch.equal(a, b)  # every rank perturbs and updates identically
-        torch.testing.assert_close(a, s.detach(), rtol=1e-10, atol=1e-12)
-    assert not torch.equal(r0[0], _model()[0].weight)  # it trained
+    for directions in DIRECTIONS:
+        r0 = torch.load(tmp_path / f"{directions}0.pt", weights_only=True)
+        r1 = torch.load(tmp_path / f"{directions}1.pt", weights_only=True)
+        single = _model()
+        _train(single, 0, 1, directions)
+        for a, b, s in zip(r0, r1, single.parameters(), strict=True):
+            assert torch.equal(a, b)  # every rank perturbs and updates identically
+            torch.testing.assert_close(a, s.detach(), rtol=1e-10, atol=1e-12)
+        assert not torch.equal(r0[0], _model()[0].weight)  # it trained

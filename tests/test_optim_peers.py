@@ -1,4 +1,5 @@
-"""Correctness of the efficient-SAM peers: ESAM, LookSAM, GSAM, RWP (issue 7)."""
+"""Correctness of the efficient-SAM peers: ESAM, LookSAM, GSAM, RWP (issue 7), AsyncSAM and
+MSAM (issue 15)."""
 
 from __future__ import annotations
 
@@ -11,16 +12,27 @@ import torch.nn.functional as F
 from tiny import batch, mlp
 from torch import nn
 
-from zosam.optim import ESAM, GSAM, OPTIMIZERS, RWP, SAM, ZOSAM, LookSAM, derive_seed, make_closure
+from zosam.optim import (
+    ESAM,
+    GSAM,
+    MSAM,
+    OPTIMIZERS,
+    RWP,
+    SAM,
+    ZOSAM,
+    AsyncSAM,
+    LookSAM,
+    derive_seed,
+    make_closure,
+)
 
-PEERS = ["esam", "looksam", "gsam", "rwp"]
-
-
-
+PEERS = ["esam", "looksam", "gsam", "rwp", "asyncsam", "msam"]
 
 
 def _peer(name: str, model: nn.Module, **kw):
     kw.setdefault("lr", 0.1)
+    if name == "msam":
+        kw.setdefault("momentum", 0.9)  # MSAM ascends along the momentum: it needs one
     return OPTIMIZERS.get(name)(model.parameters(), torch.optim.SGD, model=model, **kw)
 
 
@@ -164,6 +176,59 @@ def test_rwp_matches_hand_computation() -> None:
     assert opt.pass_counts == {"forward": 1, "forward_no_grad": 0, "backward": 1}
 
 
+def test_asyncsam_matches_hand_computation() -> None:
+    ls = LeastSquares()
+    rho, lr = 0.05, 0.1
+    opt = ls.make(AsyncSAM, rho=rho, lr=lr)
+    w = ls.w()
+    # Step 0: no stale gradient yet, a plain step; it keeps the gradient it applied.
+    opt.step(ls.closure)
+    g_prev = ls.grad(w)
+    torch.testing.assert_close(ls.seen[0][0], w, rtol=0, atol=1e-15)
+    w = w - lr * g_prev
+    assert opt.skipped_perturbations == 1
+    torch.testing.assert_close(opt.last_gradient[0].view(-1), g_prev, rtol=0, atol=1e-15)
+    for i in (1, 2):  # then e = rho g_{t-1} / ||g_{t-1}||, the gradient applied at w
+        opt.step(ls.closure)
+        e = rho * g_prev / g_prev.norm()
+        torch.testing.assert_close(ls.seen[i][0], w + e, rtol=0, atol=1e-12)
+        g_prev = ls.grad(w + e)
+        w = w - lr * g_prev
+        torch.testing.assert_close(ls.w(), w, rtol=0, atol=1e-12)
+    assert len(ls.seen) == 3 and all(grad for _, grad, _ in ls.seen)
+    assert opt.pass_counts == {"forward": 3, "forward_no_grad": 0, "backward": 3}
+    assert opt.skipped_perturbations == 1
+
+
+def test_msam_matches_hand_computation() -> None:
+    ls = LeastSquares()
+    rho, lr, m, wd = 0.3, 0.1, 0.9, 0.01
+    opt = ls.make(MSAM, rho=rho, lr=lr, momentum=m, weight_decay=wd)
+    w = ls.w()
+    opt.step(ls.closure)  # no momentum yet: a plain step
+    v = ls.grad(w) + wd * w
+    w = w - lr * v
+    assert opt.skipped_perturbations == 1
+    for i in (1, 2):  # e = -rho v / ||v||, the paper's sign; SGD's momentum v = m v + g + wd w
+        opt.step(ls.closure)
+        e = -rho * v / v.norm()
+        torch.testing.assert_close(ls.seen[i][0], w + e, rtol=0, atol=1e-12)
+        v = m * v + ls.grad(w + e) + wd * w
+        w = w - lr * v
+        torch.testing.assert_close(ls.w(), w, rtol=0, atol=1e-12)
+    assert opt.pass_counts == {"forward": 3, "forward_no_grad": 0, "backward": 3}
+
+
+def test_msam_ascends_along_adamw_first_moment() -> None:
+    ls = LeastSquares()
+    opt = MSAM(ls.model.parameters(), torch.optim.AdamW, rho=0.2, model=ls.model, lr=0.01)
+    opt.step(ls.closure)
+    w1 = ls.w()
+    m = opt.base_optimizer.state[ls.model.weight]["exp_avg"].view(-1).clone()
+    opt.step(ls.closure)
+    torch.testing.assert_close(ls.seen[1][0], w1 - 0.2 * m / m.norm(), rtol=0, atol=1e-12)
+
+
 def test_rwp_direction_is_zosam_direction_without_the_sign() -> None:
     x, y = batch(0)
     perturbations = {}
@@ -211,6 +276,8 @@ def test_peer_reduces_to_sam_bit_exactly(name: str, kwargs: dict) -> None:
     ("looksam", {"k": 3}, {"forward": 6, "forward_no_grad": 0, "backward": 6}),  # SAM at 0, 3
     ("gsam", {}, {"forward": 8, "forward_no_grad": 0, "backward": 8}),
     ("rwp", {}, {"forward": 4, "forward_no_grad": 0, "backward": 4}),
+    ("asyncsam", {}, {"forward": 4, "forward_no_grad": 0, "backward": 4}),
+    ("msam", {}, {"forward": 4, "forward_no_grad": 0, "backward": 4}),
 ])
 def test_pass_counts(name: str, kwargs: dict, per_run: dict) -> None:
     model = mlp()
@@ -244,7 +311,8 @@ def test_masked_weights_stay_zero_and_are_never_perturbed(name: str) -> None:
     assert torch.all(w.detach()[mask] != 0)
 
 
-@pytest.mark.parametrize(("name", "earlier_passes"), [("esam", 2), ("looksam", 1), ("gsam", 1), ("rwp", 0)])
+@pytest.mark.parametrize(("name", "earlier_passes"), [
+    ("esam", 2), ("looksam", 1), ("gsam", 1), ("rwp", 0), ("asyncsam", 0), ("msam", 0)])
 def test_batchnorm_statistics_change_only_in_final_pass(name: str, earlier_passes: int) -> None:
     model = mlp(bn=True)
     bn = model[1]
@@ -282,7 +350,8 @@ def _params_equal(a: nn.Module, b: nn.Module) -> bool:
     return all(torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters(), strict=True))
 
 
-PEER_KW = {"esam": {"seed": 7}, "looksam": {"k": 4}, "gsam": {"rho_min": 0.01}, "rwp": {"seed": 7}}
+PEER_KW = {"esam": {"seed": 7}, "looksam": {"k": 4}, "gsam": {"rho_min": 0.01}, "rwp": {"seed": 7},
+           "asyncsam": {"rho": 0.1}, "msam": {"rho": 0.2}}
 
 
 @pytest.mark.parametrize("name", PEERS)
@@ -319,6 +388,16 @@ def test_resume_equals_uninterrupted(name: str) -> None:
     assert resumed_opt.step_count == 6
     if name == "looksam":
         assert all(isinstance(v, torch.Tensor) for v in ckpt["opt"]["wrapper"]["orthogonal"])
+    if name == "asyncsam":  # the stale gradient travels in the checkpoint ...
+        assert all(isinstance(v, torch.Tensor) for v in ckpt["opt"]["wrapper"]["last_gradient"])
+        # ... and is needed: without it the resumed run takes a plain step and diverges from the full one.
+        del ckpt["opt"]["wrapper"]["last_gradient"]
+        again = mlp(seed=99, bn=True)
+        again.load_state_dict(ckpt["model"])
+        again_opt = _peer(name, again, **kw)
+        again_opt.load_state_dict(ckpt["opt"])
+        _train(name, 3, again, again_opt, start=3)
+        assert not _params_equal(full, again)
 
 
 @pytest.mark.parametrize("name", PEERS)
@@ -378,6 +457,7 @@ def test_esam_data_selection_needs_a_per_sample_closure() -> None:
     ("gsam", {"lr_max": 0.01, "lr_min": 0.02}, "lr_max"),
     ("rwp", {"rho": 0.0}, "rho"), ("rwp", {"rho": float("inf")}, "rho"), ("rwp", {"seed": -3}, "seed"),
     ("rwp", {"max_grad_norm": 0.0}, "max_grad_norm"),
+    ("asyncsam", {"rho": 0.0}, "rho"), ("msam", {"rho": -0.3}, "rho"), ("msam", {"momentum": 0.0}, "momentum"),
 ])
 def test_bad_arguments_name_the_field(name: str, kwargs: dict, field: str) -> None:
     model = mlp()

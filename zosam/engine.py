@@ -28,6 +28,7 @@ from zosam.config import RunConfig
 from zosam.data import load_dataset, make_loaders
 from zosam.models import create_model
 from zosam.optim import make_closure, wide
+from zosam.optim.guided import masked_dot
 from zosam.sparse import Masking
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -207,17 +208,14 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
     def _closure(self, x: Tensor, y: Tensor, stats: dict[str, float]):
-        """The optimizer's closure; it records accuracy of the full-batch gradient pass."""
-        base = make_closure(self.net, self.loss_fn, x, y, autocast=self.autocast)
+        """The optimizer's closure; it records the accuracy of the last pass with autograd on
+        the whole batch (any reduction: ESAM's per-sample pass counts too), the pass whose
+        gradient the step trains on or, when that pass sees a subset, the one before it."""
 
-        def closure(fraction: float = 1.0, **kw: Any) -> Tensor:
-            if fraction < 1.0 or kw or not torch.is_grad_enabled():
-                return base(fraction, **kw)
-            out = self._forward_logits(x)
-            stats["correct"] = float((out.argmax(1) == y).sum())
-            return self.loss_fn(out, y)
+        def record(out: Tensor, targets: Tensor) -> None:
+            stats["correct"] = float((out.argmax(1) == targets).sum())
 
-        return closure
+        return make_closure(self.net, self.loss_fn, x, y, autocast=self.autocast, record=record)
 
     def _forward_logits(self, x: Tensor) -> Tensor:
         if self.autocast is None:
@@ -301,9 +299,13 @@ class Trainer:
         with opt._frozen_batchnorm():
             loss0 = closure()
             grads = torch.autograd.grad(loss0, params, allow_unused=True)
-        dot = sum(float((a * b).sum()) for a, b in zip(g_hat, grads, strict=True) if b is not None)
-        na = math.sqrt(sum(float(a.pow(2).sum()) for a in g_hat))
-        nb = math.sqrt(sum(float(b.pow(2).sum()) for b in grads if b is not None))
+        # Like with like: the estimate lives on the active weights, so is the gradient it is
+        # compared with (pruned weights' gradients cannot move the weights).
+        grads = [None if g is None else (g * opt.masks[p] if p in opt.masks else g)
+                 for p, g in zip(params, grads, strict=True)]
+        dot = masked_dot(params, {}, g_hat, grads)
+        na = math.sqrt(max(masked_dot(params, {}, g_hat, g_hat), 0.0))
+        nb = math.sqrt(max(masked_dot(params, {}, grads, grads), 0.0))
         saved = [p.detach().clone() for p in params]
         with torch.no_grad(), opt._frozen_batchnorm():
             for p, g in zip(params, g_hat, strict=True):

@@ -1,5 +1,5 @@
 """Optimizers: the plain first-order step, SAM, ZO-SAM and the efficient-SAM peers
-(ESAM, LookSAM, GSAM, RWP).
+(ESAM, LookSAM, GSAM, RWP, AsyncSAM, MSAM).
 
 All share one API (:class:`PerturbationOptimizer`): ``step(closure, *, scaler=None)``,
 ``set_masks``, ``pass_counts``, ``state_dict``. ``OPTIMIZERS`` maps the names used in run
@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from zosam.optim.base import PerturbationOptimizer, apply_masks, make_closure, wide
-from zosam.optim.peers import ESAM, GSAM, RWP, LookSAM
+from zosam.optim.base import PerturbationOptimizer, apply_masks, global_norm, make_closure, wide
+from zosam.optim.guided import GUIDES, GuidedDirections
+from zosam.optim.peers import ESAM, GSAM, MSAM, RWP, AsyncSAM, LookSAM
 from zosam.optim.sam import SAM, FirstOrder
 from zosam.optim.zosam import ZOSAM, derive_seed
 from zosam.registry import Registry
@@ -24,6 +25,8 @@ OPTIMIZERS.register("esam")(ESAM)
 OPTIMIZERS.register("looksam")(LookSAM)
 OPTIMIZERS.register("gsam")(GSAM)
 OPTIMIZERS.register("rwp")(RWP)
+OPTIMIZERS.register("asyncsam")(AsyncSAM)
+OPTIMIZERS.register("msam")(MSAM)
 
 BASE_OPTIMIZERS: Registry = Registry("base optimizer")
 BASE_OPTIMIZERS.register("sgd")(torch.optim.SGD)
@@ -33,15 +36,20 @@ __all__ = [
     "BASE_OPTIMIZERS",
     "ESAM",
     "GSAM",
+    "GUIDES",
+    "MSAM",
     "OPTIMIZERS",
     "RWP",
     "SAM",
     "ZOSAM",
+    "AsyncSAM",
     "FirstOrder",
+    "GuidedDirections",
     "LookSAM",
     "PerturbationOptimizer",
     "apply_masks",
     "derive_seed",
+    "global_norm",
     "make_closure",
     "wide",
 ]

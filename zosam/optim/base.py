@@ -48,6 +48,7 @@ def make_closure(
     targets: Tensor,
     *,
     autocast: torch.autocast | None = None,
+    record: Callable[[Tensor, Tensor], None] | None = None,
 ) -> Closure:
     """Build the standard closure for :meth:`PerturbationOptimizer.step`.
 
@@ -64,6 +65,10 @@ def make_closure(
 
     ``autocast``, if given (e.g. ``torch.autocast("cuda", dtype=torch.float16)``), wraps
     the forward pass.
+
+    ``record``, if given, is called as ``record(outputs, targets)`` after every pass over
+    the whole batch with autograd on (any ``reduction``), e.g. to count correct
+    predictions; the last such pass of a step is the one an optimizer trains on.
     """
 
     def closure(fraction: float = 1.0, *, indices: Tensor | None = None, reduction: str = "mean") -> Tensor:
@@ -77,9 +82,16 @@ def make_closure(
             x, y = inputs[:n], targets[:n]
         kwargs = {} if reduction == "mean" else {"reduction": reduction}
         if autocast is None:
-            return loss_fn(model(x), y, **kwargs)
+            out = model(x)
+        else:
+            with autocast:
+                out = model(x)
+        if record is not None and indices is None and fraction >= 1.0 and torch.is_grad_enabled():
+            record(out.detach(), y)
+        if autocast is None:
+            return loss_fn(out, y, **kwargs)
         with autocast:
-            return loss_fn(model(x), y, **kwargs)
+            return loss_fn(out, y, **kwargs)
 
     return closure
 
@@ -89,11 +101,22 @@ def _accepts(fn: Callable[..., Any], keyword: str) -> bool:
     return keyword in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-
 def wide(t: Tensor) -> Tensor:
     """``t`` in at least float32: half-precision losses and norms are lifted, float64 stays
     float64 (so float64 runs keep their precision through norms and loss differences)."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def global_norm(tensors: list[Tensor]) -> float:
+    """The L2 norm of a list of tensors as one vector, in at least float32; the per-tensor
+    norms are moved to one device before they are stacked (a model may span devices) and
+    read back with one synchronisation. 0.0 for an empty list."""
+    if not tensors:
+        return 0.0
+    norms = torch._foreach_norm(tensors)
+    dev = norms[0].device
+    return float(torch.linalg.vector_norm(torch.stack([wide(n).to(dev) for n in norms])))
+
 
 class PerturbationOptimizer(torch.optim.Optimizer):
     """Base class: a wrapper around a base optimizer that owns the passes of a step.
@@ -144,6 +167,10 @@ class PerturbationOptimizer(torch.optim.Optimizer):
         self.step_count = 0
         self._counts = {"forward": 0, "forward_no_grad": 0, "backward": 0}
         self.skipped_perturbations = 0
+        # The gradient applied by the last update (unscaled, clipped, dense), kept only by
+        # optimizers that ascend along it (AsyncSAM, guided ZO-SAM): see _keep_gradient.
+        self.last_gradient: list[Tensor | None] | None = None
+        self._keeps_gradient = False
 
     # -- public API shared by all optimizers ---------------------------------------------
     def set_masks(self, masks: Mapping[Tensor, Tensor] | None) -> None:
@@ -184,13 +211,22 @@ class PerturbationOptimizer(torch.optim.Optimizer):
         self.step_count = int(w["step_count"])
         self._counts = {k: int(v) for k, v in w["pass_counts"].items()}
         self.skipped_perturbations = int(w["skipped_perturbations"])
+        if self._keeps_gradient:
+            stored = w.get("last_gradient")
+            self.last_gradient = None if stored is None else [
+                None if g is None else g.to(device=p.device, dtype=p.dtype)
+                for p, g in zip(self._params(), stored, strict=True)
+            ]
 
     def _wrapper_state(self) -> dict[str, Any]:
-        return {
+        state: dict[str, Any] = {
             "step_count": self.step_count,
             "pass_counts": dict(self._counts),
             "skipped_perturbations": self.skipped_perturbations,
         }
+        if self._keeps_gradient:
+            state["last_gradient"] = self.last_gradient
+        return state
 
     # -- helpers for subclasses ------------------------------------------------------------
     def _params(self) -> Iterator[Tensor]:
@@ -282,12 +318,32 @@ class PerturbationOptimizer(torch.optim.Optimizer):
             scaler.unscale_(self.base_optimizer)
         if self.max_grad_norm is not None:
             self._clip_grad_norm(self.max_grad_norm)
+        if self._keeps_gradient:
+            self._keep_gradient()
         if scaler is not None:
             scaler.step(self.base_optimizer)
         else:
             self.base_optimizer.step()
         apply_masks(self.masks)
         self.step_count += 1
+
+    @torch.no_grad()
+    def _keep_gradient(self) -> None:
+        """Copy the gradient about to be applied into ``last_gradient`` (unscaled and
+        clipped: called between unscaling and the base step). A non-finite gradient (a
+        GradScaler overflow, whose update ``scaler.step`` skips) keeps the previous one.
+        Under DDP the gradient is already averaged, so every rank keeps the same tensor."""
+        grads = [p.grad for p in self._params()]
+        present = [g for g in grads if g is not None]
+        if not present:
+            return
+        if not math.isfinite(global_norm(present)):
+            return
+        old = self.last_gradient
+        if old is None or any((o is None) != (g is None) for o, g in zip(old, grads, strict=True)):
+            self.last_gradient = [None if g is None else g.detach().clone() for g in grads]
+        else:  # reuse the buffers: no allocation per step
+            torch._foreach_copy_([o for o in old if o is not None], present)
 
     @torch.no_grad()
     def _clip_grad_norm(self, max_norm: float) -> None:
@@ -299,7 +355,8 @@ class PerturbationOptimizer(torch.optim.Optimizer):
         grads = [(p.grad, self.masks.get(p)) for p in self._params() if p.grad is not None]
         if not grads:
             return
-        sq = torch.stack([wide(g if m is None else g * m).pow(2).sum() for g, m in grads]).sum()
+        dev = grads[0][0].device  # a model may span devices: the per-tensor sums meet on one
+        sq = torch.stack([wide(g if m is None else g * m).pow(2).sum().to(dev) for g, m in grads]).sum()
         coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
         for g, _ in grads:
             g.mul_(coef.to(g.device, g.dtype))

@@ -1,4 +1,6 @@
-"""The efficient-SAM peers of ZO-SAM: ESAM, LookSAM, GSAM and random weight perturbation.
+"""The efficient-SAM peers of ZO-SAM: ESAM, LookSAM, GSAM, random weight perturbation, and
+the peers at SGD's cost that ascend along a direction the step already has (AsyncSAM:
+the previous step's gradient; MSAM: the momentum).
 
 Each is a :class:`~zosam.optim.base.PerturbationOptimizer` with the API of SAM and ZO-SAM
 (``step(closure, *, scaler=None)``, masks, BatchNorm frozen in every pass but the final
@@ -18,7 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from zosam.optim.base import Closure, wide
+from zosam.optim.base import Closure, PerturbationOptimizer, wide
+from zosam.optim.guided import has_momentum, masked_dot, momentum_buffers
 from zosam.optim.sam import SAM
 from zosam.optim.zosam import SeededStreams, derive_seed
 from zosam.validate import in_range
@@ -460,4 +463,157 @@ class RWP(SeededStreams):
         return loss.detach()
 
 
-__all__ = ["ESAM", "GSAM", "RWP", "LookSAM"]
+class FreeAscent(PerturbationOptimizer):
+    """Shared step (no ``__init__`` of its own) of the peers whose ascent direction costs no
+    pass: ``e = sign * rho v / ||v||`` for a stored direction ``v`` (:meth:`_direction`),
+    restricted to the active weights; the gradient at ``w + e`` is applied at ``w``.
+
+    Cost per step: 1 forward + 1 backward, 0 no-grad forwards (SGD's). Without a
+    direction (the first step) or with ``v = 0`` / not finite, the step is a plain one at
+    ``w`` (counted in ``skipped_perturbations``).
+    """
+
+    rho: float
+    sign = 1.0
+
+    def _direction(self) -> list[Tensor | None] | None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def _free_ascent(self) -> list[Tensor | None] | None:
+        v = self._direction()
+        if v is None:
+            return None
+        params = list(self._params())
+        norm = math.sqrt(max(masked_dot(params, self.masks, v, v), 0.0))
+        if not math.isfinite(norm) or norm == 0.0:
+            return None
+        scale = self.sign * self.rho / norm
+        return [None if vi is None else self._masked(p, vi.to(p.dtype) * scale)
+                for p, vi in zip(params, v, strict=True)]
+
+    def step(self, closure: Closure | None = None, *, scaler: torch.amp.GradScaler | None = None) -> Tensor:  # type: ignore[override]
+        """One step; returns the loss at ``w + e`` (whose gradient is applied at ``w``)."""
+        closure = self._check_closure(closure)
+        saved = self._save()
+        e = self._free_ascent()
+        if e is None:
+            self.skipped_perturbations += 1
+        else:
+            self._perturb(saved, e)
+        del e
+        loss = self._forward(closure, grad=True)
+        self._backward(loss, scaler)
+        self._restore(saved)
+        self._update(scaler)
+        return loss.detach()
+
+
+class AsyncSAM(FreeAscent):
+    """AsyncSAM at zero extra passes (after Jo, Lim, Lee, "Asynchronous Sharpness-Aware
+    Minimization for Fast and Accurate Deep Learning", arXiv 2503.11147): the ascent uses
+    a stale gradient, staleness tau = 1.
+
+    One step::
+
+        e = rho g_{t-1} / ||g_{t-1}||     # g_{t-1}: the gradient applied by the previous step
+        w = base_step(w, grad L(w + e))   # applied at w, as in SAM
+
+    The paper computes ``g_{t-1}`` at ``w_{t-1}`` on a (smaller) batch, in parallel on
+    another device; on one device the stale gradient available for free is the one the
+    previous step applied (at ``w_{t-1} + e_{t-1}``, on the previous batch, unscaled and
+    clipped). It is kept in ``state_dict`` (one d-sized buffer), so a resumed run ascends
+    exactly as an uninterrupted one; under DDP it is the all-reduced gradient, the same on
+    every rank. With masks, ``e`` is restricted to the active weights.
+
+    Args:
+        params: parameters or parameter groups to optimise.
+        base_optimizer: the ``torch.optim.Optimizer`` class applying the update.
+        rho: radius of the perturbation, > 0.
+        model: the model (keyword, required); with a single pass per step there is nothing
+            to freeze, and ``None`` is fine for any model.
+        max_grad_norm: clip the applied gradient to this norm (``None``: no clipping).
+        **base_kwargs: hyperparameters of ``base_optimizer`` (``lr`` ...).
+
+    Cost per step: 1 forward + 1 backward (SGD's). The first step (no stale gradient
+    yet) is a plain step, counted in ``skipped_perturbations``.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        base_optimizer: type[torch.optim.Optimizer],
+        rho: float = 0.05,
+        *,
+        model: nn.Module | None,
+        max_grad_norm: float | None = None,
+        **base_kwargs: Any,
+    ) -> None:
+        in_range("rho", rho, 0, low_open=True)
+        super().__init__(params, base_optimizer, dict(rho=rho), model=model,
+                         max_grad_norm=max_grad_norm, **base_kwargs)
+        self.rho = rho
+        self._keeps_gradient = True
+
+    def _direction(self) -> list[Tensor | None] | None:
+        return self.last_gradient
+
+
+class MSAM(FreeAscent):
+    """Momentum-SAM (Becker, Altrichter, Wang, Beyer, "Momentum-SAM: Sharpness Aware
+    Minimization without Computational Overhead", arXiv 2401.12033): the ascent runs along
+    the negative momentum.
+
+    One step, with ``v`` the base optimizer's momentum (SGD's ``momentum_buffer``,
+    ``v_t = m v_{t-1} + g``, which points uphill on average; Adam's ``exp_avg``)::
+
+        e = -rho v / ||v||
+        w = base_step(w, grad L(w + e))   # applied at w, as in SAM
+
+    The sign is the paper's (its official code evaluates the gradient at
+    ``w - rho v / ||v||``): ``-v`` is the direction of the step just taken, and the
+    paper shows the loss rising along it beyond the current point. The paper keeps the
+    weights at the perturbed point between steps; this implementation perturbs and
+    restores within the step (the same gradients, no state besides the base optimizer's).
+    With masks, ``v`` and ``e`` are restricted to the active weights.
+
+    Args:
+        params: parameters or parameter groups to optimise.
+        base_optimizer: the ``torch.optim.Optimizer`` class applying the update; it must
+            keep a momentum (SGD with ``momentum > 0``, Adam, AdamW).
+        rho: radius of the perturbation, > 0 (the paper's default: 0.3).
+        model: the model (keyword, required); with a single pass per step there is nothing
+            to freeze, and ``None`` is fine for any model.
+        max_grad_norm: clip the applied gradient to this norm (``None``: no clipping).
+        **base_kwargs: hyperparameters of ``base_optimizer`` (``lr``, ``momentum`` ...).
+
+    Cost per step: 1 forward + 1 backward (SGD's). The first step (no momentum yet) is a
+    plain step, counted in ``skipped_perturbations``. Resume: the momentum is in the base
+    optimizer's state.
+    """
+
+    sign = -1.0
+
+    def __init__(
+        self,
+        params: Any,
+        base_optimizer: type[torch.optim.Optimizer],
+        rho: float = 0.3,
+        *,
+        model: nn.Module | None,
+        max_grad_norm: float | None = None,
+        **base_kwargs: Any,
+    ) -> None:
+        in_range("rho", rho, 0, low_open=True)
+        super().__init__(params, base_optimizer, dict(rho=rho), model=model,
+                         max_grad_norm=max_grad_norm, **base_kwargs)
+        if not has_momentum(self.base_optimizer):
+            raise ValueError("momentum=0 is invalid for msam (it ascends along the base optimizer's momentum); "
+                             "must be > 0, or use a base optimizer with moments (adamw)")
+        self.rho = rho
+
+    def _direction(self) -> list[Tensor | None] | None:
+        return momentum_buffers(self.base_optimizer, list(self._params()))
+
+
+__all__ = ["ESAM", "GSAM", "MSAM", "RWP", "AsyncSAM", "FreeAscent", "LookSAM"]
