@@ -81,16 +81,14 @@ def _trial_actors() -> list[Any]:
     return list_actors(filters=[("class_name", "=", TRIAL_ACTOR)], detail=True, limit=10000)
 
 
-def _listeners_off_loopback(pids: set[int]) -> list[str]:
-    """Lines of ``ss -tlnp`` for a TCP listener of one of ``pids`` not bound to 127.0.0.1."""
+LOOPBACK = ("127.0.0.1:", "[::ffff:127.0.0.1]:", "[::1]:")  # IPv4, IPv4-mapped IPv6, IPv6 loopback
+
+
+def _listeners(pids: set[int]) -> list[tuple[str, str]]:
+    """(local address, ``ss -tlnp`` line) of every TCP listener owned by one of ``pids``."""
     out = subprocess.run(["ss", "-tlnpH"], capture_output=True, text=True, check=True).stdout
-    bad = []
-    for line in out.splitlines():
-        owners = {int(p) for p in re.findall(r"pid=(\d+)", line)}
-        local = line.split()[3]
-        if owners & pids and not local.startswith("127.0.0.1:"):
-            bad.append(line)
-    return bad
+    return [(line.split()[3], line) for line in out.splitlines()
+            if {int(p) for p in re.findall(r"pid=(\d+)", line)} & pids]
 
 
 def _stack_pids(lc) -> set[int]:
@@ -114,11 +112,11 @@ def test_sweep_spreads_over_nodes_with_server_tracking_and_s3_storage(stack) -> 
 
     lc = stack
     done = threading.Event()
-    seen_bad: list[str] = []
+    seen: dict[str, str] = {}
 
     def watch() -> None:  # every listener of the stack, sampled while trials run
         while not done.wait(1.0):
-            seen_bad.extend(_listeners_off_loopback(_stack_pids(lc)))
+            seen.update(_listeners(_stack_pids(lc)))
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -129,7 +127,11 @@ def test_sweep_spreads_over_nodes_with_server_tracking_and_s3_storage(stack) -> 
         done.set()
         watcher.join()
     print(f"\nspread sweep: {time.perf_counter() - t0:.1f} s")
-    assert not seen_bad, seen_bad
+    print(f"listeners of the stack seen while the sweep ran: {len(seen)}, on "
+          f"{sorted({a.rsplit(':', 1)[0] for a in seen})}")
+    assert len(seen) > 10  # the servers, GCS, three raylets, dashboards, workers
+    bad = [line for addr, line in seen.items() if not addr.startswith(LOOPBACK)]
+    assert not bad, bad
     assert result.completed and [t["status"] for t in result.trials] == ["finished", "finished"]
     workers = {n.node_id for n in lc.workers}
     placed = {a.node_id for a in _trial_actors()}

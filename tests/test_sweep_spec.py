@@ -256,7 +256,7 @@ def test_storage_endpoint_sources_and_the_path_it_needs(monkeypatch: pytest.Monk
     assert resolve_endpoint("s3://b/p", None) == "https://s3.example:8443"  # the S3-specific variable wins
     assert resolve_endpoint("/local/path", None) is None  # the variables only concern s3:// paths
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "s3.example")
-    with pytest.raises(ValueError, match="AWS_ENDPOINT_URL_S3='s3.example' is invalid"):
+    with pytest.raises(ValueError, match=r"AWS_ENDPOINT_URL_S3='s3\.example' is invalid"):
         resolve_endpoint("s3://b/p", None)
     fs = filesystem("s3://b/p", "http://127.0.0.1:9000")
     assert type(fs).__name__ == "S3FileSystem" and ray_path("s3://b/p", "http://127.0.0.1:9000") == "b/p"

@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", default=None, help="Ray address ('auto' or host:port); default: a local Ray")
     s.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     s.add_argument("--tracking-uri", default=None, help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite)")
-    s.add_argument("--storage-path", default=None, help="Ray results root (default: spec or ./ray_results)")
+    s.add_argument("--storage-path", default=None,
+                   help="Ray results root (default: spec, $ZOSAM_STORAGE_PATH or ./ray_results)")
     s.add_argument("--storage-endpoint", default=None,
                    help="S3-protocol endpoint for an s3:// storage path, e.g. http://127.0.0.1:9000 "
                         "(default: spec, else $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL, else AWS)")

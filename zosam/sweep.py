@@ -19,7 +19,7 @@ Spec layout (every key validated before Ray starts; see ``tune/quick.yaml``)::
                 gpus_per_worker: 0, max_concurrent_trials: 2, max_failures: 0}
     ray: {num_cpus: 2}               # a local Ray's logical CPUs
     tracking: {experiment: zosam-sweeps}
-    storage_path: s3://bucket/zosam/ray   # Ray's results and checkpoints (default ./ray_results)
+    storage_path: s3://bucket/zosam/ray   # Ray's results (default $ZOSAM_STORAGE_PATH, else ./ray_results)
     storage_endpoint: http://127.0.0.1:9000   # an S3-protocol store other than AWS (zosam/storage.py)
 
 ``workers_per_trial: 0`` runs the training loop inside the Tune trial (no Train worker
@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -381,7 +382,7 @@ def run_sweep(spec_path: str | Path | dict[str, Any], *, address: str | None = N
     from zosam.tracking import default_tracking_uri, ensure_experiment
 
     uri = tracking_uri or spec.tracking.get("uri") or default_tracking_uri()
-    storage_uri = storage_path or spec.storage_path or "ray_results"
+    storage_uri = storage_path or spec.storage_path or os.environ.get("ZOSAM_STORAGE_PATH") or "ray_results"
     endpoint = resolve_endpoint(storage_uri, storage_endpoint if storage_endpoint is not None
                                 else spec.storage_endpoint,
                                 "--storage-endpoint" if storage_endpoint is not None else "storage_endpoint")

@@ -70,6 +70,13 @@ def _grad_hook(counter: dict[str, float]):
     return hook
 
 
+def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    from zosam.bench.step_cost import parse_method
+
+    kwargs = parse_method(f"sgd:{args.model_args}")[1] if args.model_args else {}
+    return {**kwargs, **({"width": args.width} if args.width else {})}
+
+
 def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -86,7 +93,7 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
             counter = {k: 0.0 for k in ("grad_calls", "grad_bytes", "scalar_calls", "scalar_bytes",
                                         "bcast_calls", "bcast_bytes")}
             torch.manual_seed(0)  # the same initial weights on both ranks (DDP also broadcasts them)
-            model = create_model(args.model, num_classes=10, **({"width": args.width} if args.width else {}))
+            model = create_model(args.model, num_classes=args.num_classes, **_model_kwargs(args))
             net = DDP(model)
             net.register_comm_hook(None, _grad_hook(counter))
             name, kwargs = parse_method(spec)
@@ -135,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zosam bench ddp-comm", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="resnet32")
     p.add_argument("--width", type=int, default=None, help="CIFAR ResNet width (default: the model's)")
+    p.add_argument("--model-args", default="", metavar="K=V,...",
+                   help="model constructor arguments, e.g. img_size=32,patch_size=4 for a small DeiT input")
+    p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=32, help="per rank")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
@@ -161,7 +171,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     got = measure(args)
-    return emit("ddp_comm", got["rows"], {"model": args.model, "parameters": got["parameters"], "ranks": 2,
+    return emit("ddp_comm", got["rows"], {"model": args.model, "model_args": args.model_args,
+                                          "num_classes": args.num_classes, "parameters": got["parameters"], "ranks": 2,
                                           "backend": "gloo", "batch_size_per_rank": args.batch_size,
                                           "steps": args.steps},
                 mlflow_uri=args.mlflow)

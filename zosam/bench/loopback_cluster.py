@@ -117,12 +117,13 @@ ENV = {"AWS_ACCESS_KEY_ID": "zosam-test", "AWS_SECRET_ACCESS_KEY": "zosam-test",
 
 @contextlib.contextmanager
 def loopback_cluster(num_workers: int = 2, cpus_per_worker: float = 1, tmp: str | Path | None = None,
-                     worker_resources: bool = True):
+                     worker_resources: bool = True, head_cpus: float = 0):
     """Start the stack; yield a :class:`LoopbackCluster`; stop everything it started.
 
     Args:
-        num_workers: worker nodes besides the CPU-less head.
+        num_workers: worker nodes besides the head.
         cpus_per_worker: logical CPUs of each worker node.
+        head_cpus: logical CPUs of the head (0: it only hosts drivers and Ray's services).
         tmp: folder for the sqlite store and logs (default: a new temporary folder).
         worker_resources: give worker node i a custom resource ``node<i>: 1`` (to pin work).
     """
@@ -159,7 +160,7 @@ def loopback_cluster(num_workers: int = 2, cpus_per_worker: float = 1, tmp: str 
         tracking_uri = f"http://127.0.0.1:{mlflow_port}"
         _wait("mlflow server", lambda: _http_ok(tracking_uri + "/health"), procs["mlflow_server"], 120)
         cluster = Cluster(initialize_head=True, connect=False, head_node_args={
-            "node_ip_address": "127.0.0.1", "num_cpus": 0, "include_dashboard": True,
+            "node_ip_address": "127.0.0.1", "num_cpus": head_cpus, "include_dashboard": True,
             "dashboard_host": "127.0.0.1"})
         workers = [cluster.add_node(node_ip_address="127.0.0.1", num_cpus=cpus_per_worker,
                                     resources={f"node{i}": 1} if worker_resources else None)
