@@ -167,12 +167,15 @@ def test_two_train_workers_on_two_nodes_equal_one_process(stack, tmp_path: Path)
 
     lc = stack
     storage = f"{lc.storage_path}/ddp"
-    cfg = run_dict("ddp2", dtype="float64", data__batch_size=16, sparse__method="random")
+    cfg = run_dict("ddp2", dtype="float64", data__batch_size=16, sparse__method="random",
+                   checkpoint={"keep": 1})
     result = make_trainer(cfg, num_workers=2, use_gpu=False, name="ddp2",
                           storage_path=ray_path(storage, lc.s3_endpoint),
                           storage_filesystem=filesystem(storage, lc.s3_endpoint)).fit()
     assert result.error is None
     assert result.checkpoint.path.startswith("zosam-ray/ray/ddp/ddp2/")  # on S3, read back below
+    kept = {k.split("/")[3] for k in lc.keys("zosam-ray", "ray/ddp/ddp2/checkpoint_") if k.count("/") >= 4}
+    assert len(kept) == 1, kept  # checkpoint.keep=1 of the run config: Ray deleted the first epoch's
     with result.checkpoint.as_directory() as d:
         ddp = final_weights(d)
     workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True, limit=10000)
@@ -261,6 +264,7 @@ def test_node_lost_mid_sweep_trials_restore_on_a_surviving_node(stack) -> None:
     lc = stack
     epochs = 8
     spec = _spec("node-loss", lc, trials=2, epochs=epochs, max_failures=1)
+    spec["base"]["checkpoint"] = {"keep": 3}
     lost = lc.workers[1]
     box: dict[str, Any] = {}
     lines: list[str] = []
@@ -299,6 +303,12 @@ def test_node_lost_mid_sweep_trials_restore_on_a_surviving_node(stack) -> None:
                and k.endswith("result.json"))
     last = json.loads(lc.s3().get_object(Bucket="zosam-ray", Key=key)["Body"].read().decode().splitlines()[-1])
     assert last["training_iteration"] == epochs and 0 < last["iterations_since_restore"] < epochs, last
+
+    kept: dict[str, set[str]] = {}
+    for k in lc.keys("zosam-ray", "ray/node-loss/"):
+        if "/checkpoint_" in k and k.count("/") >= 4:
+            kept.setdefault(k.split("/")[2], set()).add(k.split("/")[3])
+    assert len(kept) == 2 and all(1 <= len(v) <= 3 for v in kept.values()), kept  # checkpoint.keep=3 of 8
 
     kids = _children(lc.tracking_uri, result.parent_run_id)
     assert len(kids) == 2 and kids["tags.zosam.trial_id"].nunique() == 2
