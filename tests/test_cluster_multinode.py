@@ -75,10 +75,13 @@ def _children(uri: str, parent_run_id: str):
                               filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
 
 
-def _trial_actors() -> list[Any]:
+def _actors(lc, class_name: str = TRIAL_ACTOR) -> list[Any]:
+    """Every actor of a class, alive or dead, from Ray's state API. The address is explicit:
+    without it the API follows /tmp/ray/ray_current_cluster, which any other Ray on the
+    machine may have rewritten."""
     from ray.util.state import list_actors
 
-    return list_actors(filters=[("class_name", "=", TRIAL_ACTOR)], detail=True, limit=10000)
+    return list_actors(address=lc.address, filters=[("class_name", "=", class_name)], detail=True, limit=10000)
 
 
 LOOPBACK = ("127.0.0.1:", "[::ffff:127.0.0.1]:", "[::1]:")  # IPv4, IPv4-mapped IPv6, IPv6 loopback
@@ -134,7 +137,7 @@ def test_sweep_spreads_over_nodes_with_server_tracking_and_s3_storage(stack) -> 
     assert not bad, bad
     assert result.completed and [t["status"] for t in result.trials] == ["finished", "finished"]
     workers = {n.node_id for n in lc.workers}
-    placed = {a.node_id for a in _trial_actors()}
+    placed = {a.node_id for a in _actors(lc)}
     assert placed <= workers and len(placed) == 2, (placed, workers)  # the head has no CPUs
     assert len([n for n in ray.nodes() if n["Alive"]]) == 3
     assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
@@ -160,8 +163,6 @@ def test_sweep_spreads_over_nodes_with_server_tracking_and_s3_storage(stack) -> 
 def test_two_train_workers_on_two_nodes_equal_one_process(stack, tmp_path: Path) -> None:
     """DDP over gloo between two nodes (one 1-CPU worker on each), checkpoint on S3, equals one
     process with the whole batch (float64, as tests/test_ray_integration.py's 2-worker test)."""
-    from ray.util.state import list_actors
-
     from zosam.ray_train import make_trainer
     from zosam.storage import filesystem, ray_path
 
@@ -178,7 +179,7 @@ def test_two_train_workers_on_two_nodes_equal_one_process(stack, tmp_path: Path)
     assert len(kept) == 1, kept  # checkpoint.keep=1 of the run config: Ray deleted the first epoch's
     with result.checkpoint.as_directory() as d:
         ddp = final_weights(d)
-    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True, limit=10000)
+    workers = _actors(lc, "RayTrainWorker")
     assert len(workers) == 2 and len({a.node_id for a in workers}) == 2, [(a.node_id, a.state) for a in workers]
     single = single_process(run_dict("ddp2-single", dtype="float64", data__batch_size=32, sparse__method="random"),
                             tmp_path / "single")
@@ -193,14 +194,14 @@ def test_multi_node_check_refuses_local_stores(stack, tmp_path: Path) -> None:
     from zosam.sweep import run_sweep
 
     lc = stack
-    before = len(_trial_actors())
+    before = len(_actors(lc))
     with pytest.raises(ValueError, match=r"MLFLOW_TRACKING_URI='sqlite:.*3-node cluster"):
         run_sweep(_spec("local-uri", lc), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", out=lambda s: None)
     spec = _spec("local-path", lc)
     del spec["storage_endpoint"]
     with pytest.raises(ValueError, match=r"ZOSAM_STORAGE_PATH=.*3-node cluster"):
         run_sweep(spec, tracking_uri=lc.tracking_uri, storage_path=str(tmp_path / "ray"), out=lambda s: None)
-    assert len(_trial_actors()) == before
+    assert len(_actors(lc)) == before
 
 
 def _sweep_cli(spec: Path, lc, cwd: Path, *extra: str) -> subprocess.Popen:
@@ -276,12 +277,12 @@ def test_node_lost_mid_sweep_trials_restore_on_a_surviving_node(stack) -> None:
     while time.monotonic() < deadline and run.is_alive():
         keys = lc.keys("zosam-ray", "ray/node-loss/")
         ckpts = {k.split("/")[2] for k in keys if "/checkpoint_" in k}
-        on_lost = [a for a in _trial_actors() if a.node_id == lost.node_id and a.state == "ALIVE"]
+        on_lost = [a for a in _actors(lc) if a.node_id == lost.node_id and a.state == "ALIVE"]
         if len(ckpts) == 2 and on_lost:
             break
         time.sleep(0.3)
     assert run.is_alive() and time.monotonic() < deadline, "no trial to lose in time:\n" + "\n".join(lines)
-    before = {a.actor_id for a in _trial_actors()}
+    before = {a.actor_id for a in _actors(lc)}
     stack.cluster.remove_node(lost)
     stack.workers.remove(lost)
     run.join(timeout=420)
@@ -293,7 +294,7 @@ def test_node_lost_mid_sweep_trials_restore_on_a_surviving_node(stack) -> None:
     assert any("1/1" in ln for ln in lines)  # the leaderboard shows the retry budget used
     restored = next(t for t in result.trials if t["retries"] == 1)
 
-    actors = _trial_actors()
+    actors = _actors(lc)
     assert any(a.node_id == lost.node_id for a in actors)
     after = [a for a in actors if a.actor_id not in before]
     assert after, "no trial restarted after the loss"

@@ -159,9 +159,10 @@ def loopback_cluster(num_workers: int = 2, cpus_per_worker: float = 1, tmp: str 
             stdout=(root / "mlflow.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
         tracking_uri = f"http://127.0.0.1:{mlflow_port}"
         _wait("mlflow server", lambda: _http_ok(tracking_uri + "/health"), procs["mlflow_server"], 120)
+        # Free ports rather than Ray's fixed defaults (8265, 52365): other Rays may run here.
         cluster = Cluster(initialize_head=True, connect=False, head_node_args={
             "node_ip_address": "127.0.0.1", "num_cpus": head_cpus, "include_dashboard": True,
-            "dashboard_host": "127.0.0.1"})
+            "dashboard_host": "127.0.0.1", "dashboard_port": free_port(), "dashboard_agent_listen_port": free_port()})
         workers = [cluster.add_node(node_ip_address="127.0.0.1", num_cpus=cpus_per_worker,
                                     resources={f"node{i}": 1} if worker_resources else None)
                    for i in range(num_workers)]
