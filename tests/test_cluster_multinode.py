@@ -263,7 +263,7 @@ def test_node_lost_mid_sweep_trials_restore_on_a_surviving_node(stack) -> None:
     from zosam.sweep import run_sweep
 
     lc = stack
-    epochs = 8
+    epochs = 12
     spec = _spec("node-loss", lc, trials=2, epochs=epochs, max_failures=1)
     spec["base"]["checkpoint"] = {"keep": 3}
     lost = lc.workers[1]
@@ -274,15 +274,24 @@ def test_node_lost_mid_sweep_trials_restore_on_a_surviving_node(stack) -> None:
     t0 = time.perf_counter()
     run.start()
     deadline = time.monotonic() + 300
+    # Both trials running, one on each worker node (the state API is slow: asked until then) ...
+    before: list[Any] = []
     while time.monotonic() < deadline and run.is_alive():
-        keys = lc.keys("zosam-ray", "ray/node-loss/")
-        ckpts = {k.split("/")[2] for k in keys if "/checkpoint_" in k}
-        on_lost = [a for a in _actors(lc) if a.node_id == lost.node_id and a.state == "ALIVE"]
-        if len(ckpts) == 2 and on_lost:
+        before = _actors(lc)
+        if {a.node_id for a in before if a.state == "ALIVE"} == {n.node_id for n in lc.workers}:
             break
         time.sleep(0.3)
-    assert run.is_alive() and time.monotonic() < deadline, "no trial to lose in time:\n" + "\n".join(lines)
-    before = {a.actor_id for a in _actors(lc)}
+    # ... and each has uploaded two checkpoints (S3 is fast to ask): the driver has then
+    # registered the first, so the lost trial restores from a checkpoint, not from scratch.
+    while time.monotonic() < deadline and run.is_alive():
+        kept: dict[str, set[str]] = {}
+        for k in lc.keys("zosam-ray", "ray/node-loss/"):
+            if "/checkpoint_" in k and k.count("/") >= 4:
+                kept.setdefault(k.split("/")[2], set()).add(k.split("/")[3])
+        if len(kept) == 2 and all(len(v) >= 2 for v in kept.values()):
+            break
+        time.sleep(0.1)
+    assert run.is_alive() and time.monotonic() < deadline, "no trial to lose:\n" + "\n".join(lines)
     stack.cluster.remove_node(lost)
     stack.workers.remove(lost)
     run.join(timeout=420)
@@ -296,7 +305,7 @@ def test_node_lost_mid_sweep_trials_restore_on_a_surviving_node(stack) -> None:
 
     actors = _actors(lc)
     assert any(a.node_id == lost.node_id for a in actors)
-    after = [a for a in actors if a.actor_id not in before]
+    after = [a for a in actors if a.actor_id not in {b.actor_id for b in before}]
     assert after, "no trial restarted after the loss"
     assert all(a.node_id == lc.workers[0].node_id for a in after), [(a.node_id, a.state) for a in after]
     # The retried trial restored from a checkpoint in S3: Tune counts iterations since the restore.
