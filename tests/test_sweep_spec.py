@@ -232,3 +232,31 @@ def test_pareto_front_is_non_dominated_and_complete() -> None:
         assert not any(dom(pts[j], pts[i]) for j in range(len(pts)))
     for i in set(range(len(pts))) - set(front):
         assert any(dom(pts[j], pts[i]) for j in front)
+
+
+# -- object storage: an S3 endpoint other than AWS ------------------------------------------------
+@pytest.mark.parametrize("bad", ["127.0.0.1:9000", "ftp://host:21", "http://", "http://host:99999",
+                                 "http://host:9000/bucket", "http://user:pw@host:9000", 9000])
+def test_a_bad_storage_endpoint_is_named(bad: Any) -> None:
+    with pytest.raises(ValueError, match=r"storage_endpoint=.* is invalid; must be an S3 endpoint URL"):
+        load_spec({**spec(), "storage_path": "s3://b/p", "storage_endpoint": bad})
+
+
+def test_storage_endpoint_sources_and_the_path_it_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from zosam.storage import filesystem, ray_path, resolve_endpoint
+
+    for var in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(var, raising=False)
+    assert resolve_endpoint("s3://b/p", None) is None and filesystem("s3://b/p", None) is None
+    assert resolve_endpoint("s3://b/p", "http://127.0.0.1:9000/") == "http://127.0.0.1:9000"
+    with pytest.raises(ValueError, match=r"--storage-endpoint='http://h:1' needs an s3:// storage_path"):
+        resolve_endpoint("gs://b/p", "http://h:1", "--storage-endpoint")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "https://s3.example:8443")
+    assert resolve_endpoint("s3://b/p", None) == "https://s3.example:8443"  # the S3-specific variable wins
+    assert resolve_endpoint("/local/path", None) is None  # the variables only concern s3:// paths
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "s3.example")
+    with pytest.raises(ValueError, match=r"AWS_ENDPOINT_URL_S3='s3\.example' is invalid"):
+        resolve_endpoint("s3://b/p", None)
+    fs = filesystem("s3://b/p", "http://127.0.0.1:9000")
+    assert type(fs).__name__ == "S3FileSystem" and ray_path("s3://b/p", "http://127.0.0.1:9000") == "b/p"

@@ -19,6 +19,8 @@ BENCHMARKS = {
     "accuracy": "zosam.bench.accuracy",
     "robustness": "zosam.bench.robustness",
     "convergence": "zosam.bench.convergence",
+    "ddp-comm": "zosam.bench.ddp_comm",
+    "cluster-overhead": "zosam.bench.cluster_overhead",
 }
 
 
@@ -42,7 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", default=None, help="Ray address ('auto' or host:port); default: a local Ray")
     s.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     s.add_argument("--tracking-uri", default=None, help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite)")
-    s.add_argument("--storage-path", default=None, help="Ray results root (default: spec or ./ray_results)")
+    s.add_argument("--storage-path", default=None,
+                   help="Ray results root (default: spec, $ZOSAM_STORAGE_PATH or ./ray_results)")
+    s.add_argument("--storage-endpoint", default=None,
+                   help="S3-protocol endpoint for an s3:// storage path, e.g. http://127.0.0.1:9000 "
+                        "(default: spec, else $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL, else AWS)")
     s.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray (default: spec)")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec field, e.g. --set num_trials=4 (repeatable)")
@@ -88,7 +94,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from zosam.sweep import run_sweep
 
     result = run_sweep(args.spec, address=args.address, resume=args.resume, tracking_uri=args.tracking_uri,
-                       storage_path=args.storage_path, num_cpus=args.num_cpus, overrides=args.overrides)
+                       storage_path=args.storage_path, num_cpus=args.num_cpus,
+                       storage_endpoint=args.storage_endpoint, overrides=args.overrides)
     return 0 if result.completed else 1
 
 

@@ -167,11 +167,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 def make_trainer(run_dict: dict[str, Any], *, num_workers: int, use_gpu: bool, cpus_per_worker: float = 1.0,
                  name: str, storage_path: str, max_failures: int = 0, tracking_uri: str | None = None,
                  parent_run_id: str | None = None, extra_tags: dict[str, str] | None = None,
-                 callbacks: list | None = None):
+                 callbacks: list | None = None, storage_filesystem: Any = None):
     """A ``TorchTrainer`` running :func:`train_loop_per_worker` on ``num_workers`` workers.
 
     A run with the same ``name`` and ``storage_path`` resumes from its last checkpoint
-    (Ray Train V2 restores its checkpoint manager from storage).
+    (Ray Train V2 restores its checkpoint manager from storage). Ray keeps the run
+    config's ``checkpoint.keep`` latest checkpoints; ``storage_filesystem`` is a pyarrow
+    filesystem for ``storage_path`` (``zosam.storage.filesystem``: an S3 endpoint).
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -185,9 +187,9 @@ def make_trainer(run_dict: dict[str, Any], *, num_workers: int, use_gpu: bool, c
                                                resources_per_worker={"CPU": cpus_per_worker,
                                                                      **({"GPU": 1} if use_gpu else {})}),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage_path, callbacks=callbacks or [],
+            name=name, storage_path=storage_path, storage_filesystem=storage_filesystem, callbacks=callbacks or [],
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=RunConfig.from_dict(run_dict).checkpoint.keep)),
     )
 
 

@@ -100,9 +100,13 @@ def run(
         logger.log_params(flatten(cfg.to_dict()))
         logger.log_dict(cfg.to_dict(), "config.yaml")
         logger.set_tags({"zosam.data_label": trainer.data.label})
+    # A restart (lost node, killed worker) resumes from the last checkpoint, which may be
+    # older than the last epoch the lost attempt logged: log each epoch's step only once.
+    logged = 0 if logger is None else max(
+        (m.step for m in logger.client.get_metric_history(logger.run_id, "train_loss")), default=0)
 
     def epoch_hook(res: EpochResult, path: Path | None) -> None:
-        if logger is not None:
+        if logger is not None and res.epoch + 1 > logged:
             logger.log_metrics(res.metrics(), step=res.epoch + 1)
         if on_epoch is not None:
             on_epoch(trainer, res, path, logger)

@@ -19,10 +19,17 @@ Spec layout (every key validated before Ray starts; see ``tune/quick.yaml``)::
                 gpus_per_worker: 0, max_concurrent_trials: 2, max_failures: 0}
     ray: {num_cpus: 2}               # a local Ray's logical CPUs
     tracking: {experiment: zosam-sweeps}
+    storage_path: s3://bucket/zosam/ray   # Ray's results (default $ZOSAM_STORAGE_PATH, else ./ray_results)
+    storage_endpoint: http://127.0.0.1:9000   # an S3-protocol store other than AWS (zosam/storage.py)
 
 ``workers_per_trial: 0`` runs the training loop inside the Tune trial (no Train worker
 group: cheapest on one machine); ``N >= 1`` launches a ``TorchTrainer`` with N workers
 per trial and forwards its reports with ``TuneReportCallback``.
+
+``max_failures`` is each trial's retry budget: Tune restarts a failed trial (a lost node, a
+killed process) from its last checkpoint up to that many times, and a trial's Train worker
+group gets the same budget for worker failures. Both restarts continue the trial's MLflow
+run. The leaderboard shows the retries each trial used out of its budget.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,11 +48,12 @@ import yaml
 
 from zosam.config import RunConfig, apply_overrides, yaml_load
 from zosam.pareto import pareto_front
+from zosam.storage import check_endpoint
 from zosam.validate import choice, in_range
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
 SPEC_KEYS = {"name", "description", "base", "overrides", "space", "objectives", "search", "scheduler",
-             "num_trials", "resources", "ray", "tracking", "storage_path"}
+             "num_trials", "resources", "ray", "tracking", "storage_path", "storage_endpoint"}
 RESOURCE_KEYS = {"cpus_per_trial": 1.0, "workers_per_trial": 0, "cpus_per_worker": 1.0, "gpus_per_worker": 0.0,
                  "gpus_per_trial": 0.0, "max_concurrent_trials": 1, "max_failures": 0}
 SEARCH_KEYS = {"sampler", "seed", "points_to_evaluate"}
@@ -66,6 +75,7 @@ class SweepSpec:
     ray: dict[str, Any]
     tracking: dict[str, Any]
     storage_path: str | None
+    storage_endpoint: str | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -187,8 +197,11 @@ def load_spec(path_or_dict: str | Path | dict[str, Any], overrides: Sequence[str
             RunConfig.from_dict(apply_overrides(base, [f"{k}={json.dumps(v)}" for k, v in corner.items()]))
         except ValueError as e:
             raise ValueError(f"space: {corner} gives an invalid run config: {e}") from None
+    endpoint = raw.get("storage_endpoint")
+    if endpoint is not None:
+        check_endpoint("storage_endpoint", endpoint)
     return SweepSpec(name, base, space, objectives, search, scheduler, num_trials, resources, ray_cfg, tracking,
-                     raw.get("storage_path"), raw)
+                     raw.get("storage_path"), endpoint, raw)
 
 
 def trial_resources(spec: SweepSpec) -> dict[str, float]:
@@ -237,9 +250,14 @@ def trial_function(config: dict[str, Any]) -> None:
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from zosam.storage import filesystem, ray_path
+
+    endpoint = ctx.get("storage_endpoint")
     trainer = make_trainer(run_dict, num_workers=ctx["workers_per_trial"], use_gpu=ctx["gpus_per_worker"] > 0,
                            cpus_per_worker=ctx["cpus_per_worker"], name=run_dict["name"],
-                           storage_path=ctx["train_storage"], max_failures=ctx["max_failures"],
+                           storage_path=ray_path(ctx["train_storage"], endpoint),
+                           storage_filesystem=filesystem(ctx["train_storage"], endpoint),
+                           max_failures=ctx["max_failures"],
                            tracking_uri=ctx["tracking_uri"], parent_run_id=ctx["parent_run_id"], extra_tags=tags,
                            callbacks=[TuneReportCallback()])
     try:
@@ -304,6 +322,10 @@ def _make_callback(spec: SweepSpec, tracking_uri: str):
                 print(f"trial {trial.trial_id} stopped early by {spec.scheduler['type']} at epoch "
                       f"{last.get('epoch')}", flush=True)
 
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            print(f"trial {trial.trial_id} failed ({_trial_error(trial)}); restarting from its last checkpoint, "
+                  f"retry {trial.num_failures}/{spec.resources['max_failures']}", flush=True)
+
         def on_trial_error(self, iteration, trials, trial, **info):
             reason = _trial_error(trial)
             run_id = (trial.last_result or {}).get("mlflow_run_id")
@@ -349,16 +371,25 @@ def _sweep_state(storage: Path, spec: SweepSpec, tracking_uri: str, resume: bool
 
 def run_sweep(spec_path: str | Path | dict[str, Any], *, address: str | None = None, resume: bool = False,
               tracking_uri: str | None = None, storage_path: str | None = None, num_cpus: int | None = None,
-              overrides: Sequence[str] = (), out: Any = print) -> SweepResult:
-    """Run (or resume) a sweep; print a leaderboard; write the best config as YAML."""
+              storage_endpoint: str | None = None, overrides: Sequence[str] = (), out: Any = print) -> SweepResult:
+    """Run (or resume) a sweep; print a leaderboard; write the best config as YAML.
+
+    ``storage_endpoint`` (or the spec's, or ``$AWS_ENDPOINT_URL_S3``) points an ``s3://``
+    ``storage_path`` at an S3-protocol server other than AWS (``zosam.storage``).
+    """
     spec = load_spec(spec_path, overrides)  # all validation before Ray starts
+    from zosam.storage import filesystem, ray_path, resolve_endpoint
     from zosam.tracking import default_tracking_uri, ensure_experiment
 
     uri = tracking_uri or spec.tracking.get("uri") or default_tracking_uri()
-    storage_uri = storage_path or spec.storage_path or "ray_results"
+    storage_uri = storage_path or spec.storage_path or os.environ.get("ZOSAM_STORAGE_PATH") or "ray_results"
+    endpoint = resolve_endpoint(storage_uri, storage_endpoint if storage_endpoint is not None
+                                else spec.storage_endpoint,
+                                "--storage-endpoint" if storage_endpoint is not None else "storage_endpoint")
     remote = "://" in storage_uri  # s3://, gs://: Ray's storage; sweep bookkeeping stays local
     if not remote:
         storage_uri = str(Path(storage_uri).resolve())
+    fs = filesystem(storage_uri, endpoint)
     local = Path("sweep_outputs").resolve() if remote else Path(storage_uri)
     import ray
     from ray import tune
@@ -374,21 +405,23 @@ def run_sweep(spec_path: str | Path | dict[str, Any], *, address: str | None = N
         state = _sweep_state(local, spec, uri, resume)
         ctx = {"base": spec.base, "sweep": spec.name, "tracking_uri": uri, "parent_run_id": state["parent_run_id"],
                "experiment": spec.tracking["experiment"],
-               "train_storage": f"{storage_uri}/{spec.name}-train", **spec.resources}
+               "train_storage": f"{storage_uri}/{spec.name}-train", "storage_endpoint": endpoint,
+               **spec.resources}
         trainable = tune.with_resources(trial_function, _placement(spec))
         exp_dir = f"{storage_uri}/{spec.name}"
-        if resume and tune.Tuner.can_restore(exp_dir):
+        if resume and tune.Tuner.can_restore(ray_path(exp_dir, endpoint), storage_filesystem=fs):
             out(f"resuming sweep {spec.name!r} from {exp_dir}")
-            tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True,
+            tuner = tune.Tuner.restore(ray_path(exp_dir, endpoint), trainable=trainable, resume_unfinished=True,
                                        resume_errored=False, restart_errored=False,
-                                       param_space={**_space(spec), "_zosam": ctx})
+                                       param_space={**_space(spec), "_zosam": ctx}, storage_filesystem=fs)
         else:
             if not remote and Path(exp_dir).exists() and not resume:
                 raise ValueError(f"a sweep named {spec.name!r} already exists in {storage_uri}; use --resume to "
                                  "continue it, or --set name=<new name>")
-            tuner = _new_tuner(spec, trainable, ctx, storage_uri, uri)
+            tuner = _new_tuner(spec, trainable, ctx, ray_path(storage_uri, endpoint), uri, fs)
         grid = tuner.fit()
-        return _report(spec, grid, state["parent_run_id"], uri, local, out, ray_dir=exp_dir)
+        return _report(spec, grid, state["parent_run_id"], uri, local, out, ray_dir=exp_dir,
+                       retries=_retries_used(grid))
     finally:
         if started:
             stop_local_ray()
@@ -408,7 +441,7 @@ def _placement(spec: SweepSpec):
     return tune.PlacementGroupFactory([{"CPU": r["cpus_per_trial"]}])
 
 
-def _new_tuner(spec: SweepSpec, trainable, ctx: dict[str, Any], storage: str, uri: str):
+def _new_tuner(spec: SweepSpec, trainable, ctx: dict[str, Any], storage: str, uri: str, fs=None):
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -436,13 +469,25 @@ def _new_tuner(spec: SweepSpec, trainable, ctx: dict[str, Any], storage: str, ur
         param_space={**_space(spec), "_zosam": ctx},
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=spec.num_trials,
                                     max_concurrent_trials=spec.resources["max_concurrent_trials"]),
-        run_config=tune.RunConfig(name=spec.name, storage_path=storage, verbose=0,
+        run_config=tune.RunConfig(name=spec.name, storage_path=storage, storage_filesystem=fs, verbose=0,
                                   callbacks=[_make_callback(spec, uri)],
-                                  failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
+                                  # A failed trial (lost node, killed process) restarts from its
+                                  # last checkpoint; the run config's checkpoint.keep bounds storage.
+                                  failure_config=tune.FailureConfig(max_failures=spec.resources["max_failures"],
+                                                                    fail_fast=False),
+                                  checkpoint_config=tune.CheckpointConfig(
+                                      num_to_keep=RunConfig.from_dict(spec.base).checkpoint.keep)),
     )
 
 
-def _report(spec: SweepSpec, grid, parent_run_id: str, uri: str, storage: Path, out, *, ray_dir: str) -> SweepResult:
+def _retries_used(grid) -> dict[str, int]:
+    """Restarts per trial id, as Tune counted them (kept in the experiment state across ``--resume``)."""
+    analysis = getattr(grid, "_experiment_analysis", None)
+    return {t.trial_id: int(t.num_failures) for t in getattr(analysis, "trials", None) or []}
+
+
+def _report(spec: SweepSpec, grid, parent_run_id: str, uri: str, storage: Path, out, *, ray_dir: str,
+            retries: dict[str, int] | None = None) -> SweepResult:
     from zosam.tracking import RunLogger
 
     metrics = [o["metric"] for o in spec.objectives]
@@ -453,7 +498,9 @@ def _report(spec: SweepSpec, grid, parent_run_id: str, uri: str, storage: Path, 
         params = {k: v for k, v in (r.config or {}).items() if k != "_zosam"}
         status = "failed" if r.error else ("stopped_early" if m.get("epoch", 0) < int(spec.base.get("epochs", 10))
                                            else "finished")
-        trials.append({"trial_id": m.get("trial_id") or Path(r.path).name, "status": status, "params": params,
+        trial_id = m.get("trial_id") or Path(r.path).name
+        trials.append({"trial_id": trial_id, "status": status, "params": params,
+                       "retries": (retries or {}).get(trial_id, 0), "max_failures": spec.resources["max_failures"],
                        **{k: m.get(k) for k in (*metrics, "epoch", "train_time_s", "passes_backward",
                                                 "mlflow_run_id", "time_total_s")}})
     ok = [t for t in trials if t["status"] != "failed" and all(t.get(k) is not None for k in metrics)]
@@ -498,7 +545,7 @@ def _leaderboard(trials: list[dict[str, Any]], metrics: list[str], keys: list[st
     rows = []
     for t in trials:
         row = {"": "*" if t["trial_id"] in best_ids else "", "trial": t["trial_id"], "status": t["status"],
-               "epochs": t.get("epoch")}
+               "epochs": t.get("epoch"), "retries": f"{t.get('retries', 0)}/{t.get('max_failures', 0)}"}
         row.update({k: t.get(k) for k in metrics})
         row.update({k.split(".")[-1]: t["params"].get(k) for k in keys})
         rows.append(row)
