@@ -9,6 +9,7 @@ import yaml
 
 from zosam.cli import main
 from zosam.config import RunConfig, apply_overrides, load_config, parse_value
+from zosam.validate import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -118,7 +119,7 @@ def test_yaml_that_is_not_a_mapping_is_rejected(tmp_path: Path, text: str) -> No
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
 
 

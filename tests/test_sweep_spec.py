@@ -16,6 +16,7 @@ import yaml
 
 from zosam.pareto import pareto_front
 from zosam.sweep import check_cluster_can_run, load_spec, trial_resources
+from zosam.validate import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -173,7 +174,7 @@ def test_spec_file_with_base_path_and_overrides(tmp_path: Path) -> None:
     (tmp_path / "tune" / "s.yaml").write_text(yaml.safe_dump(d))
     with pytest.raises(ValueError, match=r"base='configs/missing.yaml'"):
         load_spec(tmp_path / "tune" / "s.yaml")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ConfigError, match="does not exist"):
         load_spec(tmp_path / "tune" / "nope.yaml")
 
 
