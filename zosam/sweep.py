@@ -93,6 +93,11 @@ def _keys(section: str, d: Any, allowed: set[str]) -> dict[str, Any]:
     return dict(d)
 
 
+def _any_keys(d: Any) -> set[Any]:
+    """The keys of a free-form mapping section (``space``, ``overrides``): all allowed, if it is one."""
+    return set(d) if isinstance(d, dict) else set()
+
+
 def _check_distribution(key: str, dist: Any) -> None:
     if not isinstance(dist, dict) or len(dist) != 1:
         raise ConfigError(f"space.{key} must be one of {{{' | '.join(DISTRIBUTIONS)}: ...}}")
@@ -146,13 +151,15 @@ def load_spec(path_or_dict: str | Path | dict[str, Any], overrides: Sequence[str
     if not isinstance(base, dict):
         raise ConfigError("base must be a run-config mapping or a path to one")
     base = apply_overrides(base, [f"{k}={json.dumps(v)}" for k, v in
-                                  _keys("overrides", raw.get("overrides"), set(raw.get("overrides") or {})).items()])
+                                  _keys("overrides", raw.get("overrides"), _any_keys(raw.get("overrides"))).items()])
     base.setdefault("name", name)
     RunConfig.from_dict(base)  # the base itself must be a valid run
-    space = _keys("space", raw.get("space"), set(raw.get("space") or {}))
+    space = _keys("space", raw.get("space"), _any_keys(raw.get("space")))
     if not space:
         raise ConfigError("space is empty: give at least one dotted run-config field to search")
     for key, dist in space.items():
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"space key {show(key)} is invalid; must be a dotted run-config field")
         _check_distribution(key, dist)
         try:  # optimizer fields depend on the optimizer class: ask the run config itself
             RunConfig.from_dict(apply_overrides(base, [f"{key}={json.dumps(next(iter(dist.values()))[0])}"]))
@@ -160,6 +167,8 @@ def load_spec(path_or_dict: str | Path | dict[str, Any], overrides: Sequence[str
             if str(e).startswith("unknown key") or "must be a mapping" in str(e):
                 raise ConfigError(f"space.{key} is not a field of the run config ({e})") from None
     objectives = raw.get("objectives") or [{"metric": "test_acc", "mode": "max"}]
+    if not isinstance(objectives, list):
+        raise ConfigError(f"objectives={show(objectives)} is invalid; must be a list of {{metric, mode}} mappings")
     for i, o in enumerate(objectives):
         o = _keys(f"objectives[{i}]", o, {"metric", "mode"})
         choice(f"objectives[{i}].metric", o.get("metric"), OBJECTIVE_METRICS)
@@ -168,6 +177,9 @@ def load_spec(path_or_dict: str | Path | dict[str, Any], overrides: Sequence[str
               **_keys("search", raw.get("search"), SEARCH_KEYS)}
     choice("search.sampler", search["sampler"], ("tpe", "random", "nsga2"))
     in_range("search.seed", search["seed"], 0, integer=True)
+    if not isinstance(search["points_to_evaluate"] or [], list):
+        raise ConfigError(f"search.points_to_evaluate={show(search['points_to_evaluate'])} is invalid; "
+                          "must be a list of mappings of space fields")
     for i, point in enumerate(search["points_to_evaluate"] or []):
         _keys(f"search.points_to_evaluate[{i}]", point, set(space))
     scheduler = {"type": "asha", "grace_period": 1, "reduction_factor": 2,

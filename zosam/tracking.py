@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import logging
 import os
 import socket
 import tempfile
@@ -122,15 +123,35 @@ def store_lock(uri: str) -> Iterator[None]:
 _ready: set[str] = set()
 
 
+class _OneLine(logging.Filter):
+    """MLflow logs each database error with its traceback and SQL before raising it (a full
+    disk printed 13 chained tracebacks); the raised error becomes our ``TrackingError`` with
+    the reason, so the log keeps only the first line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            record.msg, record.args = (record.getMessage().strip().splitlines() or [""])[0][:300], None
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def _quiet_mlflow_db_errors() -> None:
+    log = logging.getLogger("mlflow.store.db.utils")
+    if not any(isinstance(f, _OneLine) for f in log.filters):
+        log.addFilter(_OneLine())
+
+
 def client(uri: str):
     """An ``MlflowClient``; a sqlite store's schema is created once, under :func:`store_lock`."""
     from mlflow.tracking import MlflowClient
 
-    c = MlflowClient(tracking_uri=uri)
-    if uri.startswith("sqlite:///") and uri not in _ready:
-        with store_lock(uri):
-            c.search_experiments(max_results=1)  # opens the store: creates and migrates the schema
-        _ready.add(uri)
+    _quiet_mlflow_db_errors()
+    if not uri.startswith("sqlite:///") or uri in _ready:
+        return MlflowClient(tracking_uri=uri)
+    with store_lock(uri):
+        c = MlflowClient(tracking_uri=uri)
+        c.search_experiments(max_results=1)  # opens the store: creates and migrates the schema
+    _ready.add(uri)
     return c
 
 
