@@ -243,7 +243,8 @@ def test_an_unwritable_checkpoint_folder_fails_before_training(
                  str(blocker / "ckpt"), "--tracking-uri", store])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
-    assert err.startswith(f"zosam train: error: --checkpoint-dir='{blocker / 'ckpt'}' cannot be created: "), err
+    assert err.startswith(f"zosam train: error: --checkpoint-dir='{blocker / 'ckpt'}' is invalid; {blocker} is a "
+                          "file, not a folder"), err
     assert time.perf_counter() - t0 < 30
     assert runs_of(experiment) == []  # nothing logged: refused before the run existed
 

@@ -71,17 +71,12 @@ def _describe_changes(changes: list[tuple[str, str | None, str | None]]) -> str:
 
 def preflight(cfg: RunConfig, *, checkpoint_dir: Path, tracking_uri: str | None, rank: int) -> str | None:
     """Everything a run needs from outside, checked before any data is loaded: the tracking
-    store (reachable, its folder writable), the checkpoint folder (writable; created), the
-    corruption set. Returns the tracking URI (``None`` when not tracking here)."""
+    store (reachable, its folder writable), the corruption set, the checkpoint folder
+    (writable; nothing is created here). Returns the tracking URI (``None`` when not tracking here)."""
     uri = None
     if rank == 0 and cfg.tracking.enabled:
         where = "--tracking-uri" if tracking_uri else "tracking.uri" if cfg.tracking.uri else "MLFLOW_TRACKING_URI"
         uri = check_tracking_uri(where, tracking_uri or cfg.tracking.uri or default_tracking_uri())
-    if rank == 0:
-        where = "checkpoint.dir" if cfg.checkpoint.dir and Path(cfg.checkpoint.dir) == checkpoint_dir else \
-            "--checkpoint-dir"
-        check_writable_dir(where, checkpoint_dir, create=True)
-        (checkpoint_dir / CHECKPOINT_FILE).with_suffix(".tmp").unlink(missing_ok=True)  # left by a killed save
     if cfg.eval.corruptions:
         from zosam.data import CorruptionSet
 
@@ -89,6 +84,11 @@ def preflight(cfg: RunConfig, *, checkpoint_dir: Path, tracking_uri: str | None,
             CorruptionSet.open(cfg.eval.corruptions)
         except (OSError, ValueError) as e:
             raise ConfigError(f"eval.corruptions={cfg.eval.corruptions!r} is invalid: {e}") from None
+    if rank == 0:
+        where = "checkpoint.dir" if cfg.checkpoint.dir and Path(cfg.checkpoint.dir) == checkpoint_dir else \
+            "--checkpoint-dir"
+        check_writable_dir(where, checkpoint_dir)  # created by the first save
+        (checkpoint_dir / CHECKPOINT_FILE).with_suffix(".tmp").unlink(missing_ok=True)  # left by a killed save
     return uri
 
 

@@ -120,7 +120,8 @@ def check_tracking_uri_format(field: str, uri: Any) -> str:
     if not sep:
         raise ConfigError(f"{field}={show(uri)} is invalid; must be an MLflow tracking URI with a scheme "
                           f"({', '.join(TRACKING_SCHEMES)}), {hint}")
-    choice(f"{field} scheme", scheme.split("+")[0].lower(), TRACKING_SCHEMES)
+    if scheme.split("+")[0].lower() not in TRACKING_SCHEMES:
+        raise ConfigError(f"{field}={show(uri)} is invalid; the scheme must be one of {', '.join(TRACKING_SCHEMES)}")
     if scheme == "sqlite" and (not rest.startswith("/") or rest.strip("/") in ("", ":memory:")):
         raise ConfigError(f"{field}={show(uri)} is invalid; a sqlite store is sqlite:///<path of the .db file>")
     if scheme in ("http", "https"):
