@@ -38,12 +38,13 @@ from typing import Any
 
 import yaml
 
-from zosam.config import RunConfig, apply_overrides, read_yaml_file
+from zosam.config import SEED_MAX, RunConfig, apply_overrides, read_yaml_file
 from zosam.pareto import pareto_front
 from zosam.validate import (
     ConfigError,
     check_experiment_name,
     check_tracking_uri_format,
+    check_writable_dir,
     choice,
     in_range,
     safe_name,
@@ -176,7 +177,7 @@ def load_spec(path_or_dict: str | Path | dict[str, Any], overrides: Sequence[str
     search = {"sampler": "tpe", "seed": 0, "points_to_evaluate": [],
               **_keys("search", raw.get("search"), SEARCH_KEYS)}
     choice("search.sampler", search["sampler"], ("tpe", "random", "nsga2"))
-    in_range("search.seed", search["seed"], 0, integer=True)
+    in_range("search.seed", search["seed"], 0, SEED_MAX, integer=True)
     if not isinstance(search["points_to_evaluate"] or [], list):
         raise ConfigError(f"search.points_to_evaluate={show(search['points_to_evaluate'])} is invalid; "
                           "must be a list of mappings of space fields")
@@ -389,6 +390,7 @@ def run_sweep(spec_path: str | Path | dict[str, Any], *, address: str | None = N
     remote = "://" in storage_uri  # s3://, gs://: Ray's storage; sweep bookkeeping stays local
     if not remote:
         storage_uri = str(Path(storage_uri).resolve())
+        check_writable_dir("--storage-path", storage_uri)
     local = Path("sweep_outputs").resolve() if remote else Path(storage_uri)
     import ray
     from ray import tune
