@@ -171,7 +171,10 @@ def test_a_damaged_checkpoint_is_one_line_naming_the_file_and_the_choices(
                  "--checkpoint-dir", str(ckpt)])
     err = capsys.readouterr().err
     assert code == 2
-    assert err.startswith(f"zosam train: error: checkpoint {path} is unreadable (") and err.count("\n") == 1, err
+    why = {"truncated": "", "empty": "the file ends early (empty or cut off)",
+           "random bytes": "not a torch checkpoint (unpickling failed)",
+           "not a checkpoint": "KeyError: 'not a zosam checkpoint (missing epoch, global_step, optimizer)'"}[damage]
+    assert err.startswith(f"zosam train: error: checkpoint {path} is unreadable: {why}") and err.count("\n") == 1, err
     assert "start over: delete" in err and "Traceback" not in err
     assert ("checkpoint-epoch0.pt" in err) == (damage == "truncated")
     assert time.perf_counter() - t0 < 30  # refused before any data or model is built

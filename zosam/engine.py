@@ -12,6 +12,7 @@ schedule, with the dense gradients of this step) -> LR scheduler.
 from __future__ import annotations
 
 import math
+import pickle
 import sys
 import time
 from collections.abc import Callable
@@ -55,11 +56,16 @@ def read_checkpoint(path: str | Path, map_location: torch.device | str = "cpu") 
         if missing:
             raise KeyError(f"not a zosam checkpoint (missing {', '.join(missing[:3])})")
     except Exception as e:  # torch raises EOFError, UnpicklingError, RuntimeError, ... for a damaged file
-        why = (str(e).strip().splitlines() or [""])[0][:200] or type(e).__name__
+        if isinstance(e, EOFError):
+            why = "the file ends early (empty or cut off)"
+        elif isinstance(e, pickle.UnpicklingError):
+            why = "not a torch checkpoint (unpickling failed)"
+        else:
+            why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
         others = sorted(p.name for p in path.parent.glob("*.pt") if p != path) if path.parent.is_dir() else []
         older = f"resume from an older checkpoint there ({', '.join(others[:3])}: copy it to {path.name}), or " \
             if others else ""
-        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {why}); {older}start over: "
+        raise CheckpointError(f"checkpoint {path} is unreadable: {why}; {older}start over: "
                               f"delete {path} (or run without --resume, or with another name)") from None
     return ckpt
 
