@@ -16,6 +16,7 @@ import yaml
 
 from zosam.pareto import pareto_front
 from zosam.sweep import check_cluster_can_run, load_spec, trial_resources
+from zosam.validate import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -173,8 +174,44 @@ def test_spec_file_with_base_path_and_overrides(tmp_path: Path) -> None:
     (tmp_path / "tune" / "s.yaml").write_text(yaml.safe_dump(d))
     with pytest.raises(ValueError, match=r"base='configs/missing.yaml'"):
         load_spec(tmp_path / "tune" / "s.yaml")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ConfigError, match="does not exist"):
         load_spec(tmp_path / "tune" / "nope.yaml")
+
+
+# -- the CLI: bad input is exit 2 and one line, before Ray starts -----------------------------
+@pytest.mark.parametrize(("text", "argv", "start"), [
+    ("name: s\nspace: !!python/object/apply:os.system [echo pwned]\n", [],
+     "invalid YAML: could not determine a constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system'"),
+    ("name: s\nspace: {optimizer.rho: {loguniform: [0.01, 0.5]}\n", [],
+     "invalid YAML: while parsing a flow mapping"),
+    ("name: s\nname: t\n", [], "invalid YAML: duplicate key 'name' (first at line 1)"),
+    (None, ["--num-cpus", "0"], "--num-cpus=0 is invalid; must be an integer in [1, inf)"),
+    (None, ["--set", "search.seed=99999999999999999999"], "search.seed=99999999999999999999 is invalid; must be an "
+                                                          "integer in [0, 4294967295]"),
+    (None, ["--storage-path", "s.yaml/results"], "--storage-path="),
+    (None, ["--set", "name=../x"], "name='../x' is invalid"),
+    (None, ["--set", "ray.num_cpus=0"], "ray.num_cpus=0 is invalid; must be an integer in [1, inf)"),
+    (None, ["--address", "127.0.0.1:1"], "--address='127.0.0.1:1': no Ray cluster answers there (Connection refused"),
+    (None, ["--address", "nohostport"], "--address='nohostport' is invalid; must be host:port"),
+])
+def test_cli_bad_sweep_input_exits_2_with_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str], text: str | None,
+                                                   argv: list[str], start: str) -> None:
+    import time
+
+    from zosam.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    path = tmp_path / "s.yaml"
+    path.write_text(text if text is not None else yaml.safe_dump(spec()))
+    t0 = time.perf_counter()
+    code = main(["sweep", str(path), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert start in err, err
+    assert time.perf_counter() - t0 < 60  # Ray retried an unreachable address for minutes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]  # no store, no results folder
 
 
 # -- resources the cluster cannot satisfy -----------------------------------------------------

@@ -687,17 +687,19 @@ def check_multi_node_settings(tracking_uri: str, storage_path: str, num_nodes: i
     Raises:
         ValueError: naming the setting, the bad value and what a cluster needs.
     """
+    from zosam.validate import ConfigError
+
     if num_nodes <= 1:
         return
     if not tracking_uri.startswith(("http://", "https://", "databricks")):
-        raise ValueError(
+        raise ConfigError(
             f"MLFLOW_TRACKING_URI={tracking_uri!r} is invalid on a {num_nodes}-node cluster: "
             "trials on other nodes cannot reach a local store; use a tracking server "
             "(http://host:5000, see cluster/README.md)"
         )
     shared_fs = storage_path.startswith("/mnt/") or storage_path.startswith("file:///mnt/")
     if not (storage_path.startswith(SHARED_STORAGE_SCHEMES) or shared_fs):
-        raise ValueError(
+        raise ConfigError(
             f"ZOSAM_STORAGE_PATH={storage_path!r} is invalid on a {num_nodes}-node cluster: "
             f"checkpoints must be on shared storage; allowed: "
             f"{', '.join(SHARED_STORAGE_SCHEMES)} or a shared file system under /mnt/"

@@ -14,11 +14,13 @@ import os
 from typing import Any
 from urllib.parse import urlsplit
 
+from zosam.validate import ConfigError
+
 ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
 
 def check_endpoint(field: str, url: Any) -> str:
-    """``url`` if it is ``http(s)://host[:port]`` (no path, query or credentials); else a ValueError naming
+    """``url`` if it is ``http(s)://host[:port]`` (no path, query or credentials); else a ConfigError naming
     ``field``."""
     parts = urlsplit(url) if isinstance(url, str) else None
     try:
@@ -27,7 +29,7 @@ def check_endpoint(field: str, url: Any) -> str:
         port_ok = False
     if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname or not port_ok
             or parts.path not in ("", "/") or parts.query or parts.fragment or parts.username):
-        raise ValueError(f"{field}={url!r} is invalid; must be an S3 endpoint URL http(s)://host[:port], "
+        raise ConfigError(f"{field}={url!r} is invalid; must be an S3 endpoint URL http(s)://host[:port], "
                          "e.g. http://127.0.0.1:9000")
     return url.rstrip("/")
 
@@ -36,12 +38,12 @@ def resolve_endpoint(storage_path: str, explicit: str | None, field: str = "stor
     """The S3 endpoint to use for ``storage_path``: ``explicit``, else the AWS variables, else None (AWS).
 
     Raises:
-        ValueError: an explicit endpoint for a storage path that is not ``s3://``, or an
+        ConfigError: an explicit endpoint for a storage path that is not ``s3://``, or an
             endpoint that is not an ``http(s)://host[:port]`` URL (the message names its source).
     """
     if explicit is not None:
         if not storage_path.startswith("s3://"):
-            raise ValueError(f"{field}={explicit!r} needs an s3:// storage_path, got {storage_path!r}")
+            raise ConfigError(f"{field}={explicit!r} needs an s3:// storage_path, got {storage_path!r}")
         return check_endpoint(field, explicit)
     if not storage_path.startswith("s3://"):
         return None

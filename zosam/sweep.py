@@ -46,10 +46,19 @@ from typing import Any
 
 import yaml
 
-from zosam.config import RunConfig, apply_overrides, yaml_load
+from zosam.config import SEED_MAX, RunConfig, apply_overrides, read_yaml_file
 from zosam.pareto import pareto_front
 from zosam.storage import check_endpoint
-from zosam.validate import choice, in_range
+from zosam.validate import (
+    ConfigError,
+    check_experiment_name,
+    check_tracking_uri_format,
+    check_writable_dir,
+    choice,
+    in_range,
+    safe_name,
+    show,
+)
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
 SPEC_KEYS = {"name", "description", "base", "overrides", "space", "objectives", "search", "scheduler",
@@ -87,32 +96,37 @@ def _keys(section: str, d: Any, allowed: set[str]) -> dict[str, Any]:
     if d is None:
         return {}
     if not isinstance(d, dict):
-        raise ValueError(f"{section} must be a mapping, got {type(d).__name__}")
-    unknown = sorted(set(d) - allowed)
+        raise ConfigError(f"{section} must be a mapping, got {type(d).__name__}")
+    unknown = sorted(set(d) - allowed, key=str)
     if unknown:
-        raise ValueError(f"unknown key {section + '.' if section else ''}{unknown[0]}; "
+        raise ConfigError(f"unknown key {section + '.' if section else ''}{show(unknown[0]).strip(chr(39))}; "
                          f"allowed: {', '.join(sorted(allowed))}")
     return dict(d)
 
 
+def _any_keys(d: Any) -> set[Any]:
+    """The keys of a free-form mapping section (``space``, ``overrides``): all allowed, if it is one."""
+    return set(d) if isinstance(d, dict) else set()
+
+
 def _check_distribution(key: str, dist: Any) -> None:
     if not isinstance(dist, dict) or len(dist) != 1:
-        raise ValueError(f"space.{key} must be one of {{{' | '.join(DISTRIBUTIONS)}: ...}}")
+        raise ConfigError(f"space.{key} must be one of {{{' | '.join(DISTRIBUTIONS)}: ...}}")
     (kind, args), = dist.items()
     choice(f"space.{key} distribution", kind, DISTRIBUTIONS)
     if kind == "choice":
         if not isinstance(args, list) or not args:
-            raise ValueError(f"space.{key}.choice must be a non-empty list")
+            raise ConfigError(f"space.{key}.choice must be a non-empty list")
         return
     if not isinstance(args, list) or len(args) != 2:
-        raise ValueError(f"space.{key}.{kind} must be [low, high]")
+        raise ConfigError(f"space.{key}.{kind} must be [low, high]")
     low, high = args
     in_range(f"space.{key}.{kind} low", low, integer=kind == "randint")
     in_range(f"space.{key}.{kind} high", high, integer=kind == "randint")
     if not low < high and not (kind == "randint" and low == high):
-        raise ValueError(f"space.{key}.{kind}=[{low}, {high}] is an empty or inverted range; need low < high")
+        raise ConfigError(f"space.{key}.{kind}=[{low}, {high}] is an empty or inverted range; need low < high")
     if kind == "loguniform" and low <= 0:
-        raise ValueError(f"space.{key}.loguniform low={low} is invalid; must be > 0")
+        raise ConfigError(f"space.{key}.loguniform low={low} is invalid; must be > 0")
 
 
 def _corners(space: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -130,38 +144,42 @@ def load_spec(path_or_dict: str | Path | dict[str, Any], overrides: Sequence[str
         raw, root = copy.deepcopy(path_or_dict), Path.cwd()
     else:
         p = Path(path_or_dict)
-        if not p.is_file():
-            raise FileNotFoundError(f"sweep spec {str(p)!r} does not exist")
-        raw, root = yaml_load(p.read_text()) or {}, p.resolve().parent.parent
+        raw, root = read_yaml_file(p, "sweep spec"), p.resolve().parent.parent
         if not isinstance(raw, dict):
-            raise ValueError(f"{p}: a sweep spec must be a mapping")
+            raise ConfigError(f"{p}: a sweep spec must be a mapping")
     raw = apply_overrides(raw, list(overrides))
     _keys("", raw, SPEC_KEYS)
     name = raw.get("name")
-    if not isinstance(name, str) or not name:
-        raise ValueError("name is required: a non-empty string naming the sweep")
+    if name is None:
+        raise ConfigError("name is required: a non-empty string naming the sweep")
+    safe_name("name", name)
     base = raw.get("base", {})
     if isinstance(base, str):
         bp = Path(base) if Path(base).is_absolute() else root / base
         if not bp.is_file():
-            raise ValueError(f"base={base!r}: no such run config file")
-        base = yaml_load(bp.read_text()) or {}
+            raise ConfigError(f"base={show(base)}: no such run config file")
+        base = read_yaml_file(bp, "base run config")
     if not isinstance(base, dict):
-        raise ValueError("base must be a run-config mapping or a path to one")
-    base = apply_overrides(base, [f"{k}={json.dumps(v)}" for k, v in (raw.get("overrides") or {}).items()])
+        raise ConfigError("base must be a run-config mapping or a path to one")
+    base = apply_overrides(base, [f"{k}={json.dumps(v)}" for k, v in
+                                  _keys("overrides", raw.get("overrides"), _any_keys(raw.get("overrides"))).items()])
     base.setdefault("name", name)
     RunConfig.from_dict(base)  # the base itself must be a valid run
-    space = _keys("space", raw.get("space"), set(raw.get("space") or {}))
+    space = _keys("space", raw.get("space"), _any_keys(raw.get("space")))
     if not space:
-        raise ValueError("space is empty: give at least one dotted run-config field to search")
+        raise ConfigError("space is empty: give at least one dotted run-config field to search")
     for key, dist in space.items():
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"space key {show(key)} is invalid; must be a dotted run-config field")
         _check_distribution(key, dist)
         try:  # optimizer fields depend on the optimizer class: ask the run config itself
             RunConfig.from_dict(apply_overrides(base, [f"{key}={json.dumps(next(iter(dist.values()))[0])}"]))
         except ValueError as e:
             if str(e).startswith("unknown key") or "must be a mapping" in str(e):
-                raise ValueError(f"space.{key} is not a field of the run config ({e})") from None
+                raise ConfigError(f"space.{key} is not a field of the run config ({e})") from None
     objectives = raw.get("objectives") or [{"metric": "test_acc", "mode": "max"}]
+    if not isinstance(objectives, list):
+        raise ConfigError(f"objectives={show(objectives)} is invalid; must be a list of {{metric, mode}} mappings")
     for i, o in enumerate(objectives):
         o = _keys(f"objectives[{i}]", o, {"metric", "mode"})
         choice(f"objectives[{i}].metric", o.get("metric"), OBJECTIVE_METRICS)
@@ -169,7 +187,10 @@ def load_spec(path_or_dict: str | Path | dict[str, Any], overrides: Sequence[str
     search = {"sampler": "tpe", "seed": 0, "points_to_evaluate": [],
               **_keys("search", raw.get("search"), SEARCH_KEYS)}
     choice("search.sampler", search["sampler"], ("tpe", "random", "nsga2"))
-    in_range("search.seed", search["seed"], 0, integer=True)
+    in_range("search.seed", search["seed"], 0, SEED_MAX, integer=True)
+    if not isinstance(search["points_to_evaluate"] or [], list):
+        raise ConfigError(f"search.points_to_evaluate={show(search['points_to_evaluate'])} is invalid; "
+                          "must be a list of mappings of space fields")
     for i, point in enumerate(search["points_to_evaluate"] or []):
         _keys(f"search.points_to_evaluate[{i}]", point, set(space))
     scheduler = {"type": "asha", "grace_period": 1, "reduction_factor": 2,
@@ -178,7 +199,7 @@ def load_spec(path_or_dict: str | Path | dict[str, Any], overrides: Sequence[str
     in_range("scheduler.grace_period", scheduler["grace_period"], 1, integer=True)
     in_range("scheduler.reduction_factor", scheduler["reduction_factor"], 1, low_open=True)
     if scheduler["type"] == "asha" and len(objectives) > 1:
-        raise ValueError("scheduler.type=asha needs one objective; use scheduler.type=none in "
+        raise ConfigError("scheduler.type=asha needs one objective; use scheduler.type=none in "
                          "multi-objective mode (ASHA would stop trials on one objective only)")
     num_trials = in_range("num_trials", raw.get("num_trials", 8), 1, integer=True)
     resources = {**RESOURCE_KEYS, **_keys("resources", raw.get("resources"), set(RESOURCE_KEYS))}
@@ -190,13 +211,21 @@ def load_spec(path_or_dict: str | Path | dict[str, Any], overrides: Sequence[str
     in_range("resources.max_concurrent_trials", resources["max_concurrent_trials"], 1, integer=True)
     in_range("resources.max_failures", resources["max_failures"], 0, integer=True)
     ray_cfg = _keys("ray", raw.get("ray"), {"num_cpus", "num_gpus"})
+    for k in ("num_cpus", "num_gpus"):
+        if ray_cfg.get(k) is not None:
+            in_range(f"ray.{k}", ray_cfg[k], 1 if k == "num_cpus" else 0, integer=True)
     tracking = {"experiment": "zosam-sweeps", **_keys("tracking", raw.get("tracking"), {"experiment", "uri"})}
+    check_experiment_name("tracking.experiment", tracking["experiment"])
+    if tracking.get("uri") is not None:
+        check_tracking_uri_format("tracking.uri", tracking["uri"])
+    if raw.get("storage_path") is not None and (not isinstance(raw["storage_path"], str) or not raw["storage_path"]):
+        raise ConfigError(f"storage_path={show(raw['storage_path'])} is invalid; must be a folder path or URI")
     # Every end of every range must give a valid run config (e.g. rho > 0, density <= 1).
     for corner in _corners(space) + list(search["points_to_evaluate"] or []):
         try:
             RunConfig.from_dict(apply_overrides(base, [f"{k}={json.dumps(v)}" for k, v in corner.items()]))
         except ValueError as e:
-            raise ValueError(f"space: {corner} gives an invalid run config: {e}") from None
+            raise ConfigError(f"space: {corner} gives an invalid run config: {e}") from None
     endpoint = raw.get("storage_endpoint")
     if endpoint is not None:
         check_endpoint("storage_endpoint", endpoint)
@@ -220,7 +249,7 @@ def check_cluster_can_run(spec: SweepSpec, cluster: dict[str, float]) -> None:
         have = cluster.get(res, 0.0)
         if amount > have + 1e-9:
             field_name = "resources.gpus_per_worker" if res == "GPU" else "resources.cpus_per_trial/cpus_per_worker"
-            raise ValueError(f"{field_name}: one trial needs {amount:g} {res} but the Ray cluster has {have:g}; "
+            raise ConfigError(f"{field_name}: one trial needs {amount:g} {res} but the Ray cluster has {have:g}; "
                              "lower the request or add nodes")
 
 
@@ -377,11 +406,13 @@ def run_sweep(spec_path: str | Path | dict[str, Any], *, address: str | None = N
     ``storage_endpoint`` (or the spec's, or ``$AWS_ENDPOINT_URL_S3``) points an ``s3://``
     ``storage_path`` at an S3-protocol server other than AWS (``zosam.storage``).
     """
+    if num_cpus is not None:
+        in_range("--num-cpus", num_cpus, 1, integer=True)
     spec = load_spec(spec_path, overrides)  # all validation before Ray starts
     from zosam.storage import filesystem, ray_path, resolve_endpoint
-    from zosam.tracking import default_tracking_uri, ensure_experiment
+    from zosam.tracking import check_tracking_uri, default_tracking_uri, ensure_experiment
 
-    uri = tracking_uri or spec.tracking.get("uri") or default_tracking_uri()
+    uri = check_tracking_uri("--tracking-uri", tracking_uri or spec.tracking.get("uri") or default_tracking_uri())
     storage_uri = storage_path or spec.storage_path or os.environ.get("ZOSAM_STORAGE_PATH") or "ray_results"
     endpoint = resolve_endpoint(storage_uri, storage_endpoint if storage_endpoint is not None
                                 else spec.storage_endpoint,
@@ -389,6 +420,7 @@ def run_sweep(spec_path: str | Path | dict[str, Any], *, address: str | None = N
     remote = "://" in storage_uri  # s3://, gs://: Ray's storage; sweep bookkeeping stays local
     if not remote:
         storage_uri = str(Path(storage_uri).resolve())
+        check_writable_dir("--storage-path", storage_uri)
     fs = filesystem(storage_uri, endpoint)
     local = Path("sweep_outputs").resolve() if remote else Path(storage_uri)
     import ray
@@ -397,7 +429,7 @@ def run_sweep(spec_path: str | Path | dict[str, Any], *, address: str | None = N
     from zosam.cluster_checks import check_multi_node_settings
     from zosam.ray_train import connect_or_start, stop_local_ray
 
-    started = connect_or_start(address, num_cpus=num_cpus or spec.ray.get("num_cpus"))
+    started = connect_or_start(address, num_cpus=num_cpus if num_cpus is not None else spec.ray.get("num_cpus"))
     try:
         check_multi_node_settings(uri, storage_uri, len([n for n in ray.nodes() if n.get("Alive")]))
         check_cluster_can_run(spec, ray.cluster_resources())
@@ -416,7 +448,7 @@ def run_sweep(spec_path: str | Path | dict[str, Any], *, address: str | None = N
                                        param_space={**_space(spec), "_zosam": ctx}, storage_filesystem=fs)
         else:
             if not remote and Path(exp_dir).exists() and not resume:
-                raise ValueError(f"a sweep named {spec.name!r} already exists in {storage_uri}; use --resume to "
+                raise ConfigError(f"a sweep named {spec.name!r} already exists in {storage_uri}; use --resume to "
                                  "continue it, or --set name=<new name>")
             tuner = _new_tuner(spec, trainable, ctx, ray_path(storage_uri, endpoint), uri, fs)
         grid = tuner.fit()
