@@ -12,6 +12,7 @@ import contextlib
 import csv
 import math
 import statistics
+import time
 from pathlib import Path
 
 import pytest
@@ -236,6 +237,22 @@ def test_bad_filter_and_tag_are_argument_errors(store: dict, capsys: pytest.Capt
     assert "MLflow rejected the filter" in capsys.readouterr().err
     assert main(["compare", "--tracking-uri", store["uri"], "--no-log", "--tag", "novalue"]) == 2
     assert "expected KEY=VALUE" in capsys.readouterr().err
+
+
+def test_out_that_is_a_file_and_an_unreachable_server_are_one_line_errors(
+        store: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    existing = tmp_path / "existing"
+    existing.write_text("keep me")
+    assert main(["compare", "--tracking-uri", store["uri"], "--no-log", "--out", str(existing)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"zosam compare: error: --out='{existing}' is an existing file; give a folder (new or existing)\n"
+    assert existing.read_text() == "keep me"
+    t0 = time.perf_counter()
+    assert main(["compare", "--tracking-uri", "http://127.0.0.1:1", "--no-log"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("zosam compare: error: --tracking-uri='http://127.0.0.1:1': no MLflow server answers at "
+                          "127.0.0.1:1") and err.count("\n") == 1, err
+    assert time.perf_counter() - t0 < 10  # MLflow's own retries took minutes
 
 
 def test_missing_sqlite_store_is_not_created(tmp_path: Path) -> None:

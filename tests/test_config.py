@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import yaml
 
 from zosam.cli import main
 from zosam.config import RunConfig, apply_overrides, load_config, parse_value
+from zosam.validate import MAX_MESSAGE, ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -90,16 +92,79 @@ BAD = [
     (["epochs"], "override 'epochs' is invalid"),
     (["=3"], "override '=3' is invalid"),
     (["epochs.x=1"], "epochs={'x': 1} "),
+    # Found by trying it as a new user would (issue 13).
+    (["optimizer.lr=0"], "optimizer.lr=0 is invalid; must be a number in (0, inf)"),
+    (["seed=99999999999999999999"], "seed=99999999999999999999 is invalid; must be an integer in [0, 4294967295]"),
+    (["name=../../escaped-run"], "name='../../escaped-run' is invalid; must be 1-128 characters"),
+    (["name=a/b"], "name='a/b' is invalid"),
+    (["name=.."], "name='..' is invalid"),
+    (["checkpoint.dir=5"], "checkpoint.dir=5 is invalid; must be a folder path"),
+    (["eval.corruptions=[1]"], "eval.corruptions=[1] is invalid; must be a folder path"),
+    (["tracking.uri=notauri"], "tracking.uri='notauri' is invalid; must be an MLflow tracking URI with a scheme"),
+    (["tracking.uri=ftp://x"], "tracking.uri='ftp://x' is invalid; the scheme must be one of sqlite, http"),
+    (["tracking.uri=sqlite://relative.db"], "tracking.uri='sqlite://relative.db' is invalid; a sqlite store is"),
+    (["tracking.uri=http://host:99999"], "tracking.uri='http://host:99999' is invalid; Port out of range"),
+    (["tracking.experiment=''"], "tracking.experiment='' is invalid; must be a non-empty single-line string"),
+    (["optimizer.lr=[1"], "override 'optimizer.lr=[1': value '[1': line 1, column 3: invalid YAML: "),
+    (["a..b=1"], "override 'a..b=1' is invalid"),
+    (["name=" + "x" * 100000], "name='xxxx"),  # the message shows a bounded part of the value
 ]
 
 
 @pytest.mark.parametrize(("overrides", "start"), BAD, ids=[" ".join(o) for o, _ in BAD])
-def test_bad_input_is_a_value_error_naming_the_field(overrides: list[str], start: str) -> None:
-    with pytest.raises(ValueError) as info:
+def test_bad_input_is_a_config_error_naming_the_field(overrides: list[str], start: str) -> None:
+    with pytest.raises(ConfigError) as info:
         load_config(None, ["model.name=tiny_cnn", *overrides])  # a cheap model; later overrides win
     msg = str(info.value)
     assert msg.startswith(start), msg
-    assert "\n" not in msg
+    assert "\n" not in msg and len(msg) <= MAX_MESSAGE
+
+
+ALIAS_BOMB = (  # 306 bytes that expand to 9^6 strings; repr() of it was an 8 MB message
+    b'a: &a ["x","x","x","x","x","x","x","x","x"]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\n'
+    b"c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\n"
+    b"e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]\nname: [*e,*e,*e,*e,*e,*e,*e,*e,*e]\n"
+)
+
+# (file bytes, what the message says after the file's name)
+BAD_FILES = [
+    (b"name: [unclosed\n", ": line 2, column 1: invalid YAML: while parsing a flow sequence"),
+    (b"name: t\nepochs:\t3\n", ": line 2, column 8: invalid YAML: while scanning for the next token found "
+                                "character '\\t' that cannot start any token"),
+    (b"name: a\nepochs: 1\nepochs: 2\n", ": line 3, column 1: invalid YAML: duplicate key 'epochs' (first at line 2)"),
+    (b"data: {batch_size: 8, batch_size: 9}\n", ": line 1, column 23: invalid YAML: duplicate key 'batch_size'"),
+    (b"", "' is empty (no YAML mapping in it)"),
+    (b"# nothing but a comment\n", "' is empty (no YAML mapping in it)"),
+    (b"name: caf\xe9\n", "' is not UTF-8 text (byte 0xe9 at offset 9)"),
+    (b"name: !!python/object/apply:os.system [echo]\n", ": line 1, column 7: invalid YAML: could not determine a "
+                                                      "constructor for the tag"),
+    (ALIAS_BOMB, ": expands to more than 100000 values (nested YAML aliases?)"),
+]
+
+
+@pytest.mark.parametrize(("content", "says"), BAD_FILES, ids=[s.split(":")[-1][:30] for _, s in BAD_FILES])
+def test_a_bad_config_file_is_one_line_naming_the_file(tmp_path: Path, content: bytes, says: str) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    msg = str(info.value)
+    assert says in msg and str(path) in msg, msg
+    assert "\n" not in msg and len(msg) <= MAX_MESSAGE
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]  # nothing created
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path: Path) -> None:
+    """``<<: *anchor`` then an explicit key is YAML's override idiom, not a duplicate."""
+    path = tmp_path / "run.yaml"
+    path.write_text("name: m\ndata:\n  <<: {name: digits, batch_size: 8}\n  batch_size: 16\n")
+    cfg = load_config(path)
+    assert cfg.data.name == "digits" and cfg.data.batch_size == 16
+
+
+def test_a_directory_as_config(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^config file '.*' is a directory; give a YAML file$"):
+        load_config(tmp_path)
 
 
 def test_bad_value_in_a_yaml_file_names_the_field(tmp_path: Path) -> None:
@@ -118,7 +183,7 @@ def test_yaml_that_is_not_a_mapping_is_rejected(tmp_path: Path, text: str) -> No
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
 
 
@@ -179,6 +244,51 @@ def test_cli_bad_override_exits_2_with_one_line(capsys: pytest.CaptureFixture[st
     assert err.startswith(start), err
     assert err.count("\n") == 1 and err.endswith("\n")
     assert "Traceback" not in err and out == ""
+
+
+@pytest.mark.parametrize(("argv", "start"), [
+    (["--tracking-uri", "sqlite:////no/such/dir/x.db"], "zosam train: error: --tracking-uri='sqlite:////no/such/dir/x.db'"
+                                                        " is invalid; the folder /no/such/dir does not exist"),
+    (["--tracking-uri", "http://127.0.0.1:1"], "zosam train: error: --tracking-uri='http://127.0.0.1:1': no MLflow "
+                                               "server answers at 127.0.0.1:1 (Connection refused, 5 s timeout)"),
+    (["--workers", "-1"], "zosam train: error: --workers=-1 is invalid; must be an integer in [0, inf)"),
+    (["eval.corruptions=/no/such/set"], "zosam train: error: eval.corruptions='/no/such/set' is invalid: no "
+                                        "CIFAR-10-C set at '/no/such/set'"),
+])
+def test_cli_bad_environment_exits_2_before_any_work(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch, argv: list[str],
+                                                     start: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    t0 = time.perf_counter()
+    code = main(["train", "--config", str(CONFIGS[0].parent / "digits.yaml"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(start) and err.count("\n") == 1, err
+    assert time.perf_counter() - t0 < 20  # the URI check times out after 5 s; nothing trains
+    assert not Path("/no/such").exists()
+    assert list(tmp_path.iterdir()) == []  # no store, no checkpoint folder
+
+
+def test_cli_batch_larger_than_the_data_names_batch_size(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code = main(["train", "--config", str(CONFIGS[0].parent / "digits.yaml"), "data.batch_size=100000",
+                 "tracking.enabled=false"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("zosam train: error: data.batch_size=100000 is invalid; it is larger than"), err
+
+
+def test_cli_keeps_the_traceback_of_anything_but_bad_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only ``ConfigError`` is exit 2: a ``ValueError`` from a bug propagates with its traceback."""
+    import zosam.runner
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug, not bad input")
+
+    monkeypatch.setattr(zosam.runner, "run", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["train", "--config", str(CONFIGS[0].parent / "digits.yaml")])
 
 
 def test_cli_missing_config_exits_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

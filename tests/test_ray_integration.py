@@ -381,3 +381,40 @@ def test_asha_over_train_workers_runs_every_trial_to_an_end(ray_local: Path, tmp
     assert len(kids) == 3
     for t in result.trials:
         assert kids.loc[t["trial_id"], "tags.zosam.status"] == t["status"]
+
+
+def test_two_local_rays_on_one_host_keep_their_own_address(ray_local: Path, tmp_path: Path) -> None:
+    """Each local Ray records its address in a temp dir of its own, which its workers inherit
+    (``RAY_TMPDIR``); a second local Ray started and stopped beside it (a second sweep) leaves
+    the first one's record, and the machine-wide ``/tmp/ray/ray_current_cluster``, alone."""
+    import ray
+    from ray._common.utils import get_ray_address_file
+
+    machine_wide = Path("/tmp/ray/ray_current_cluster")
+    before = machine_wide.read_text() if machine_wide.is_file() else None
+    gcs = ray.get_runtime_context().gcs_address
+    own = Path(get_ray_address_file(None))
+    assert own.read_text() == gcs and own != machine_wide
+    other = subprocess.run(
+        [sys.executable, "-c",
+         "import os, ray\n"
+         "from pathlib import Path\n"
+         "from ray._common.utils import get_ray_address_file\n"
+         "from zosam.ray_train import start_local_ray, stop_local_ray\n"
+         "start_local_ray(num_cpus=1)\n"
+         "print(ray.get_runtime_context().gcs_address, Path(get_ray_address_file(None)).read_text())\n"
+         "stop_local_ray()\n"],
+        capture_output=True, text=True, timeout=180, env={k: v for k, v in os.environ.items() if k != "RAY_TMPDIR"})
+    assert other.returncode == 0, other.stderr[-2000:]
+    other_gcs, other_recorded = other.stdout.split()[-2:]
+    assert other_gcs == other_recorded != gcs
+    assert own.read_text() == gcs
+    assert (machine_wide.read_text() if machine_wide.is_file() else None) == before
+
+    @ray.remote(num_cpus=0)
+    def address_seen_by_a_worker() -> str:
+        from ray._private.services import get_ray_address_from_environment
+
+        return get_ray_address_from_environment(None, None)  # how Ray Train's cleanup actor finds its cluster
+
+    assert ray.get(address_seen_by_a_worker.remote(), timeout=120) == gcs

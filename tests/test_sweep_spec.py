@@ -16,6 +16,7 @@ import yaml
 
 from zosam.pareto import pareto_front
 from zosam.sweep import check_cluster_can_run, load_spec, trial_resources
+from zosam.validate import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -173,8 +174,44 @@ def test_spec_file_with_base_path_and_overrides(tmp_path: Path) -> None:
     (tmp_path / "tune" / "s.yaml").write_text(yaml.safe_dump(d))
     with pytest.raises(ValueError, match=r"base='configs/missing.yaml'"):
         load_spec(tmp_path / "tune" / "s.yaml")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ConfigError, match="does not exist"):
         load_spec(tmp_path / "tune" / "nope.yaml")
+
+
+# -- the CLI: bad input is exit 2 and one line, before Ray starts -----------------------------
+@pytest.mark.parametrize(("text", "argv", "start"), [
+    ("name: s\nspace: !!python/object/apply:os.system [echo pwned]\n", [],
+     "invalid YAML: could not determine a constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system'"),
+    ("name: s\nspace: {optimizer.rho: {loguniform: [0.01, 0.5]}\n", [],
+     "invalid YAML: while parsing a flow mapping"),
+    ("name: s\nname: t\n", [], "invalid YAML: duplicate key 'name' (first at line 1)"),
+    (None, ["--num-cpus", "0"], "--num-cpus=0 is invalid; must be an integer in [1, inf)"),
+    (None, ["--set", "search.seed=99999999999999999999"], "search.seed=99999999999999999999 is invalid; must be an "
+                                                          "integer in [0, 4294967295]"),
+    (None, ["--storage-path", "s.yaml/results"], "--storage-path="),
+    (None, ["--set", "name=../x"], "name='../x' is invalid"),
+    (None, ["--set", "ray.num_cpus=0"], "ray.num_cpus=0 is invalid; must be an integer in [1, inf)"),
+    (None, ["--address", "127.0.0.1:1"], "--address='127.0.0.1:1': no Ray cluster answers there (Connection refused"),
+    (None, ["--address", "nohostport"], "--address='nohostport' is invalid; must be host:port"),
+])
+def test_cli_bad_sweep_input_exits_2_with_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str], text: str | None,
+                                                   argv: list[str], start: str) -> None:
+    import time
+
+    from zosam.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    path = tmp_path / "s.yaml"
+    path.write_text(text if text is not None else yaml.safe_dump(spec()))
+    t0 = time.perf_counter()
+    code = main(["sweep", str(path), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert start in err, err
+    assert time.perf_counter() - t0 < 60  # Ray retried an unreachable address for minutes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]  # no store, no results folder
 
 
 # -- resources the cluster cannot satisfy -----------------------------------------------------
@@ -232,3 +269,31 @@ def test_pareto_front_is_non_dominated_and_complete() -> None:
         assert not any(dom(pts[j], pts[i]) for j in range(len(pts)))
     for i in set(range(len(pts))) - set(front):
         assert any(dom(pts[j], pts[i]) for j in front)
+
+
+# -- object storage: an S3 endpoint other than AWS ------------------------------------------------
+@pytest.mark.parametrize("bad", ["127.0.0.1:9000", "ftp://host:21", "http://", "http://host:99999",
+                                 "http://host:9000/bucket", "http://user:pw@host:9000", 9000])
+def test_a_bad_storage_endpoint_is_named(bad: Any) -> None:
+    with pytest.raises(ValueError, match=r"storage_endpoint=.* is invalid; must be an S3 endpoint URL"):
+        load_spec({**spec(), "storage_path": "s3://b/p", "storage_endpoint": bad})
+
+
+def test_storage_endpoint_sources_and_the_path_it_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from zosam.storage import filesystem, ray_path, resolve_endpoint
+
+    for var in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(var, raising=False)
+    assert resolve_endpoint("s3://b/p", None) is None and filesystem("s3://b/p", None) is None
+    assert resolve_endpoint("s3://b/p", "http://127.0.0.1:9000/") == "http://127.0.0.1:9000"
+    with pytest.raises(ValueError, match=r"--storage-endpoint='http://h:1' needs an s3:// storage_path"):
+        resolve_endpoint("gs://b/p", "http://h:1", "--storage-endpoint")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "https://s3.example:8443")
+    assert resolve_endpoint("s3://b/p", None) == "https://s3.example:8443"  # the S3-specific variable wins
+    assert resolve_endpoint("/local/path", None) is None  # the variables only concern s3:// paths
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "s3.example")
+    with pytest.raises(ValueError, match=r"AWS_ENDPOINT_URL_S3='s3\.example' is invalid"):
+        resolve_endpoint("s3://b/p", None)
+    fs = filesystem("s3://b/p", "http://127.0.0.1:9000")
+    assert type(fs).__name__ == "S3FileSystem" and ray_path("s3://b/p", "http://127.0.0.1:9000") == "b/p"

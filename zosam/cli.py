@@ -1,8 +1,9 @@
 """The ``zosam`` command line: ``train``, ``sweep``, ``compare``, ``bench``.
 
 Heavy modules (torch, ray, mlflow) are imported inside the commands, so ``zosam --help``
-and argument errors are instant. Bad input exits with status 2 and a one-line message
-naming the field; a diverged run exits with status 3.
+and argument errors are instant. Bad input (a ``zosam.validate.ConfigError``, raised before
+any work) exits with status 2 and a one-line message naming the field; a failed run
+(diverged, MLflow unwritable) exits with status 3; any other error keeps its traceback.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ BENCHMARKS = {
     "accuracy": "zosam.bench.accuracy",
     "robustness": "zosam.bench.robustness",
     "convergence": "zosam.bench.convergence",
+    "ddp-comm": "zosam.bench.ddp_comm",
+    "cluster-overhead": "zosam.bench.cluster_overhead",
     "flatness": "zosam.bench.flatness",
 }
 
@@ -31,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", "-c", default=None, help="run config YAML (configs/*.yaml)")
     t.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. optimizer.rho=0.1")
     t.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    t.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: continue although the config differs from the checkpoint's "
+                        "(the change is recorded in MLflow)")
     t.add_argument("--checkpoint-dir", default=None, help="default: checkpoint.dir or runs/<name>")
     t.add_argument("--tracking-uri", default=None, help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite)")
     t.add_argument("--workers", type=int, default=0,
@@ -43,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", default=None, help="Ray address ('auto' or host:port); default: a local Ray")
     s.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     s.add_argument("--tracking-uri", default=None, help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite)")
-    s.add_argument("--storage-path", default=None, help="Ray results root (default: spec or ./ray_results)")
+    s.add_argument("--storage-path", default=None,
+                   help="Ray results root (default: spec, $ZOSAM_STORAGE_PATH or ./ray_results)")
+    s.add_argument("--storage-endpoint", default=None,
+                   help="S3-protocol endpoint for an s3:// storage path, e.g. http://127.0.0.1:9000 "
+                        "(default: spec, else $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL, else AWS)")
     s.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray (default: spec)")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec field, e.g. --set num_trials=4 (repeatable)")
@@ -68,10 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from zosam.config import load_config
+    from zosam.validate import in_range
 
     cfg = load_config(args.config, args.overrides)
-    if args.workers < 0:
-        raise ValueError(f"--workers={args.workers} is invalid; must be an integer >= 0")
+    in_range("--workers", args.workers, 0, integer=True)
     if args.workers > 0:
         from zosam.ray_train import train_distributed
 
@@ -81,7 +91,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         from zosam.runner import run
 
-        outcome = run(cfg, resume=args.resume, checkpoint_dir=args.checkpoint_dir, tracking_uri=args.tracking_uri)
+        outcome = run(cfg, resume=args.resume, checkpoint_dir=args.checkpoint_dir, tracking_uri=args.tracking_uri,
+                      allow_config_change=args.allow_config_change)
     return 0 if outcome.status == "finished" else 3
 
 
@@ -89,7 +100,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from zosam.sweep import run_sweep
 
     result = run_sweep(args.spec, address=args.address, resume=args.resume, tracking_uri=args.tracking_uri,
-                       storage_path=args.storage_path, num_cpus=args.num_cpus, overrides=args.overrides)
+                       storage_path=args.storage_path, num_cpus=args.num_cpus,
+                       storage_endpoint=args.storage_endpoint, overrides=args.overrides)
     return 0 if result.completed else 1
 
 
@@ -108,6 +120,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from zosam.validate import ConfigError
+
     args = build_parser().parse_args(argv)
     # SIGTERM (a scheduler's preemption, `kill`) unwinds like an exit, so a run records
     # its end in MLflow instead of staying RUNNING.
@@ -115,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = {"train": _cmd_train, "sweep": _cmd_sweep, "compare": _cmd_compare, "bench": _cmd_bench}
     try:
         return handler[args.command](args)
-    except (ValueError, FileNotFoundError) as e:
+    except ConfigError as e:
         print(f"zosam {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

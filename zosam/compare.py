@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from zosam.pareto import pareto_front
-from zosam.validate import choice
+from zosam.validate import ConfigError, choice, show
 
 ROLE_TAG = "zosam.role"
 EXCLUDED_ROLES = ("sweep", "comparison")
@@ -136,8 +136,10 @@ def parse_tags(items: Sequence[str]) -> dict[str, str]:
     for item in items:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
-            raise ValueError(f"--tag {item!r} is invalid; expected KEY=VALUE, e.g. host=rigl")
+            raise ConfigError(f"--tag {show(item)} is invalid; expected KEY=VALUE, e.g. host=rigl")
         key = key.strip()
+        if "`" in key:
+            raise ConfigError(f"--tag {show(item)} is invalid; a tag key holds no backtick")
         out[key if "." in key else f"zosam.{key}"] = value
     return out
 
@@ -147,7 +149,7 @@ def _quote(value: str) -> str:
         return f"'{value}'"
     if '"' not in value:
         return f'"{value}"'
-    raise ValueError(f"tag value {value!r} holds both quote characters; use --filter instead")
+    raise ConfigError(f"tag value {show(value)} holds both quote characters; use --filter instead")
 
 
 def _tag_clause(key: str, value: str) -> str:
@@ -168,7 +170,7 @@ def _search(client, experiment_ids: list[str], filter_string: str, what: str) ->
             page = client.search_runs(experiment_ids, filter_string=filter_string, max_results=1000,
                                       page_token=token)
         except MlflowException as e:
-            raise ValueError(f"{what}: MLflow rejected the filter {filter_string!r}: {e.message}") from None
+            raise ConfigError(f"{what}: MLflow rejected the filter {filter_string!r}: {e.message}") from None
         runs.extend(page)
         token = page.token
         if not token:
@@ -617,14 +619,20 @@ def compare(selection: Selection, *, tracking_uri: str | None = None, out: str |
     Raises:
         NothingSelected: the selection matched no runs (the message names it).
     """
+    from zosam.tracking import check_tracking_uri, default_tracking_uri
     from zosam.tracking import client as make_client
-    from zosam.tracking import default_tracking_uri
+    from zosam.validate import check_writable_dir
 
     choice("--cost", cost, COST_METRICS)
     uri = tracking_uri or default_tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         # MLflow would silently create an empty store here.
         raise NothingSelected(f"no MLflow store at {uri} (set --tracking-uri or $MLFLOW_TRACKING_URI)")
+    check_tracking_uri("--tracking-uri", uri)  # a server that does not answer: seconds, not minutes
+    if out is not None:
+        if Path(out).exists() and not Path(out).is_dir():
+            raise ConfigError(f"--out={str(out)!r} is an existing file; give a folder (new or existing)")
+        check_writable_dir("--out", out)
     c = make_client(uri)
     runs = select_runs(c, selection)
     columns = key_columns(runs)

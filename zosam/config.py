@@ -31,12 +31,21 @@ import yaml
 
 from zosam.data import DataConfig
 from zosam.sparse import SparsityConfig
-from zosam.validate import choice, in_range
+from zosam.validate import (
+    ConfigError,
+    check_experiment_name,
+    check_tracking_uri_format,
+    choice,
+    in_range,
+    safe_name,
+    show,
+)
 
 _AMP = ("off", "bf16", "fp16")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _DEVICES = ("auto", "cpu", "cuda")
 _WRAPPER_ARGS = {"self", "params", "base_optimizer", "model", "max_grad_norm", "base_kwargs", "kwargs"}
+SEED_MAX = 2**32 - 1  # what every RNG the run seeds (torch, numpy, Optuna) accepts
 
 
 _FIELD_MESSAGE = re.compile(r"^[A-Za-z_][\w.]*=")  # the zosam.validate format: ``field=value is invalid``
@@ -46,24 +55,28 @@ def _prefixed(prefix: str, fn, *args, **kwargs):
     """Run a validator and put ``prefix.`` in front of the field its error names.
 
     Messages in another format (torch's own checks, e.g. ``Invalid learning rate: -1``,
-    or a ``TypeError`` from a value of the wrong type) become ``prefix: message``.
+    or a ``TypeError`` from a value of the wrong type) become ``prefix: message``. Every
+    one becomes a :class:`ConfigError`: ``fn`` only checks user values (constructors on
+    the meta device or on a dummy tensor), so whatever it rejects is bad input.
     """
     try:
         return fn(*args, **kwargs)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, RuntimeError, OverflowError, AttributeError, IndexError, KeyError) as e:
         msg = str(e)
         if msg.startswith((prefix + ".", prefix + ":", "unknown key")):
-            raise ValueError(msg) from None
+            raise ConfigError(msg) from None
         if _FIELD_MESSAGE.match(msg):
-            raise ValueError(f"{prefix}.{msg}") from None
-        raise ValueError(f"{prefix}: {msg}") from None
+            raise ConfigError(f"{prefix}.{msg}") from None
+        raise ConfigError(f"{prefix}: {msg or type(e).__name__}") from None
 
 
 def _check_keys(section: str, d: dict[str, Any], allowed: set[str]) -> None:
-    unknown = sorted(set(d) - allowed)
+    unknown = sorted(set(d) - allowed, key=str)
     if unknown:
         where = f"{section}." if section else ""
-        raise ValueError(f"unknown key {where}{unknown[0]}; allowed: {', '.join(sorted(allowed))}")
+        key = unknown[0] if isinstance(unknown[0], str) else show(unknown[0])
+        raise ConfigError(f"unknown key {where}{show(key)[1:-1] if len(key) > 80 else key}; "
+                          f"allowed: {', '.join(sorted(allowed))}")
 
 
 @dataclass
@@ -120,9 +133,10 @@ class OptimizerConfig:
         _check_keys("optimizer", d, own | base_args | {"name", "base", "max_grad_norm"})
         hyper = {"lr": 0.1, **({"momentum": 0.9} if base == "sgd" else {}), "weight_decay": 5e-4, **d}
         # The base optimizers' own checks raise torch's messages (or a TypeError for a
-        # string); the common hyperparameters get the project's format here.
-        for key in ("lr", "weight_decay"):
-            in_range(f"optimizer.{key}", hyper[key], 0)
+        # string); the common hyperparameters get the project's format here. lr = 0 would
+        # train nothing and divide by zero in the schedule.
+        in_range("optimizer.lr", hyper["lr"], 0, low_open=True)
+        in_range("optimizer.weight_decay", hyper["weight_decay"], 0)
         if "momentum" in hyper:
             in_range("optimizer.momentum", hyper["momentum"], 0, 1, high_open=True)
         cfg = cls(name, base, max_grad_norm, hyper)
@@ -181,6 +195,8 @@ class CheckpointConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CheckpointConfig:
         c = cls(**d)
+        if c.dir is not None and (not isinstance(c.dir, str) or not c.dir or "\0" in c.dir):
+            raise ConfigError(f"dir={show(c.dir)} is invalid; must be a folder path (a string) or null")
         in_range("every", c.every, 1, integer=True)
         in_range("keep", c.keep, 1, integer=True)
         return c
@@ -211,6 +227,8 @@ class EvalConfig:
         in_range("diagnostics_steps", c.diagnostics_steps, 0, integer=True)
         if c.corruption_subset is not None:
             in_range("corruption_subset", c.corruption_subset, 1, integer=True)
+        if c.corruptions is not None and (not isinstance(c.corruptions, str) or not c.corruptions):
+            raise ConfigError(f"corruptions={show(c.corruptions)} is invalid; must be a folder path or null")
         return c
 
     def to_dict(self) -> dict[str, Any]:
@@ -229,6 +247,9 @@ class TrackingConfig:
     def from_dict(cls, d: dict[str, Any]) -> TrackingConfig:
         c = cls(**d)
         choice("enabled", c.enabled, (True, False))
+        if c.uri is not None:
+            check_tracking_uri_format("uri", c.uri)
+        check_experiment_name("experiment", c.experiment)
         return c
 
     def to_dict(self) -> dict[str, Any]:
@@ -269,22 +290,21 @@ class RunConfig:
         _check_keys("", d, top)
         for key, value in d.items():
             if key in _SECTIONS and value is not None and not isinstance(value, dict):
-                raise ValueError(f"{key} must be a mapping, got {type(value).__name__}")
+                raise ConfigError(f"{key} must be a mapping, got {type(value).__name__}")
         sections = {k: _section(k, d.pop(k, None)) for k in _SECTIONS}
         cfg = cls(**d, **sections)
-        in_range("seed", cfg.seed, 0, integer=True)
+        in_range("seed", cfg.seed, 0, SEED_MAX, integer=True)
         in_range("epochs", cfg.epochs, 1, integer=True)
         choice("device", cfg.device, _DEVICES)
         choice("amp", cfg.amp, _AMP)
         choice("dtype", cfg.dtype, tuple(_DTYPES))
         if cfg.dtype != "float32" and cfg.amp != "off":
-            raise ValueError(f"amp={cfg.amp!r} is invalid with dtype={cfg.dtype!r}; "
+            raise ConfigError(f"amp={cfg.amp!r} is invalid with dtype={cfg.dtype!r}; "
                              "mixed precision needs dtype=float32")
         in_range("label_smoothing", cfg.label_smoothing, 0, 1, high_open=True)
         if cfg.max_steps_per_epoch is not None:
             in_range("max_steps_per_epoch", cfg.max_steps_per_epoch, 1, integer=True)
-        if not isinstance(cfg.name, str) or not cfg.name:
-            raise ValueError(f"name={cfg.name!r} is invalid; must be a non-empty string")
+        safe_name("name", cfg.name)
         _check_maskable(cfg)
         return cfg
 
@@ -313,7 +333,7 @@ def _check_maskable(cfg: RunConfig) -> None:
         model = MODELS.get(cfg.model.name)(num_classes=10, **cfg.model.kwargs)
     if not maskable_parameters(model, dense_first_layer=cfg.sparse.dense_first_layer,
                                dense_classifier=cfg.sparse.dense_classifier):
-        raise ValueError(f"sparse.method={cfg.sparse.method!r} is invalid for model {cfg.model.name!r}: it has no "
+        raise ConfigError(f"sparse.method={cfg.sparse.method!r} is invalid for model {cfg.model.name!r}: it has no "
                          "prunable conv/linear layer besides the first layer and the classifier; use a deeper "
                          "model, sparse.dense_first_layer=false or sparse.dense_classifier=false, or "
                          "sparse.method=dense")
@@ -332,7 +352,24 @@ class _Loader(yaml.SafeLoader):
 
     Plain YAML 1.1 reads them as strings, so ``optimizer.mu=1e-3`` would be rejected as
     ``'1e-3'``; this resolver accepts what Python's ``float`` does for such literals.
+    A key written twice in one mapping is an error (plain YAML keeps the last silently).
     """
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:
+                    continue  # unhashable: the base class reports it
+                if first is not key_node.start_mark:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {show(key)} (first at line {first.line + 1})", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -341,41 +378,105 @@ _Loader.add_implicit_resolver(
     list("-+0123456789"),
 )
 
+MAX_VALUES = 100_000  # values in one YAML document, aliases expanded: a config has a few hundred
+MAX_FILE_BYTES = 1 << 20
 
-def yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # safe: _Loader is a SafeLoader subclass
+
+def yaml_load(text: str, where: str = "YAML") -> Any:
+    """Parse YAML (safe: ``_Loader`` is a SafeLoader subclass); every problem is a ``ConfigError``
+    naming ``where`` and the line. Documents that expand to more than ``MAX_VALUES`` values
+    through aliases (an "alias bomb") are refused."""
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = " ".join(str(p) for p in (e.context, e.problem) if p)
+        raise ConfigError(f"{where}:{at}: invalid YAML: {problem}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: invalid YAML: {e}") from None
+    _check_size(data, where)
+    return data
+
+
+def _check_size(data: Any, where: str) -> None:
+    stack, count = [data], 0
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise ConfigError(f"{where}: expands to more than {MAX_VALUES} values (nested YAML aliases?); "
+                              "a config holds a few hundred")
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
+def read_yaml_file(path: str | Path, what: str) -> Any:
+    """Read a YAML file that a user named (``what``: ``config file``, ``sweep spec``, ...).
+
+    Missing, a directory, too big, not UTF-8, not YAML, empty: each a one-line ``ConfigError``.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{what} {str(p)!r} is a directory; give a YAML file")
+    if not p.is_file():
+        raise ConfigError(f"{what} {str(p)!r} does not exist")
+    try:
+        size = p.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ConfigError(f"{what} {str(p)!r} is {size} bytes; a YAML config is far below {MAX_FILE_BYTES}")
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{what} {str(p)!r} cannot be read: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {str(p)!r} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") \
+            from None
+    data = yaml_load(text, str(p))
+    if data is None:
+        raise ConfigError(f"{what} {str(p)!r} is empty (no YAML mapping in it)")
+    return data
 
 
 def parse_value(text: str) -> Any:
     """Command-line override values are YAML scalars: ``0.05``, ``1e-3``, ``true``, ``null``, ``[1, 2]``."""
-    return yaml_load(text)
+    return yaml_load(text, f"value {show(text)}")
 
 
 def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b.c=value`` overrides to a nested dict (missing sections are created)."""
     d = copy.deepcopy(d)
     for item in overrides:
+        if not isinstance(item, str):
+            raise ConfigError(f"override {show(item)} is invalid; expected key.path=value")
         key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise ValueError(f"override {item!r} is invalid; expected key.path=value")
+        if not eq or not key or "" in key.split("."):
+            raise ConfigError(f"override {show(item)} is invalid; expected key.path=value")
         node = d
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {p} is not a section")
-        node[leaf] = parse_value(value)
+                raise ConfigError(f"override {show(item)}: {p} is not a section")
+        try:
+            node[leaf] = parse_value(value)
+        except ConfigError as e:
+            raise ConfigError(f"override {show(item)}: {e}") from None
     return d
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run config (or start from the defaults) and apply overrides."""
+    """Read a YAML run config (or start from the defaults) and apply overrides.
+
+    Raises:
+        ConfigError: naming the field (or the file and line); nothing is created or loaded.
+    """
     d: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config file {str(p)!r} does not exist")
-        d = yaml_load(p.read_text()) or {}
+        d = read_yaml_file(path, "config file")
         if not isinstance(d, dict):
-            raise ValueError(f"{p}: a run config must be a mapping")
+            raise ConfigError(f"{path}: a run config must be a mapping")
     return RunConfig.from_dict(apply_overrides(d, overrides or []))

@@ -12,6 +12,7 @@ schedule, with the dense gradients of this step) -> LR scheduler.
 from __future__ import annotations
 
 import math
+import pickle
 import sys
 import time
 from collections.abc import Callable
@@ -30,12 +31,44 @@ from zosam.models import create_model
 from zosam.optim import make_closure, wide
 from zosam.optim.guided import masked_dot
 from zosam.sparse import Masking
+from zosam.validate import ConfigError
 
 CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_KEYS = ("epoch", "global_step", "model", "optimizer", "masking", "scheduler", "scaler", "torch_rng",
+                   "history", "train_time_s", "images_seen", "extra", "config")
 
 
 class Diverged(RuntimeError):
-    """A non-finite training loss: the run stops with status ``failed`` and this reason."""
+    """A non-finite training or test loss: the run stops with status ``failed`` and this reason."""
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be resumed from (truncated, empty, not a checkpoint): one line
+    naming the file and the choices."""
+
+
+def read_checkpoint(path: str | Path, map_location: torch.device | str = "cpu") -> dict[str, Any]:
+    """Load a checkpoint file written by :meth:`Trainer.save_checkpoint`, or raise ``CheckpointError``
+    naming the file, why it is unusable and what to do (an older checkpoint beside it, or start over)."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        missing = [k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else ["all"]
+        if missing:
+            raise KeyError(f"not a zosam checkpoint (missing {', '.join(missing[:3])})")
+    except Exception as e:  # torch raises EOFError, UnpicklingError, RuntimeError, ... for a damaged file
+        if isinstance(e, EOFError):
+            why = "the file ends early (empty or cut off)"
+        elif isinstance(e, pickle.UnpicklingError):
+            why = "not a torch checkpoint (unpickling failed)"
+        else:
+            why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        others = sorted(p.name for p in path.parent.glob("*.pt") if p != path) if path.parent.is_dir() else []
+        older = f"resume from an older checkpoint there ({', '.join(others[:3])}: copy it to {path.name}), or " \
+            if others else ""
+        raise CheckpointError(f"checkpoint {path} is unreadable: {why}; {older}start over: "
+                              f"delete {path} (or run without --resume, or with another name)") from None
+    return ckpt
 
 
 @dataclass
@@ -105,6 +138,9 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.on_epoch = on_epoch
+        # Called with each epoch's result before its checkpoint is written (the runner logs
+        # the metrics there): a run killed in between never has a checkpoint ahead of MLflow.
+        self.before_checkpoint: Callable[[EpochResult], None] | None = None
         self.log = log if self.rank == 0 else None
         self.history: list[EpochResult] = []
         self.start_epoch = 0
@@ -122,6 +158,9 @@ class Trainer:
             self.data, cfg.data, seed=cfg.seed, rank=self.rank, world_size=self.world_size, device=self.device,
             dtype=cfg.torch_dtype)
         self.steps_per_epoch = len(self.train_loader)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"data.batch_size={cfg.data.batch_size} is invalid; it is larger than this worker's "
+                              f"share of the training set ({self.data.label}): lower it or use more data")
         if cfg.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
         self.total_steps = self.steps_per_epoch * cfg.epochs
@@ -184,13 +223,20 @@ class Trainer:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         path = self.checkpoint_dir / CHECKPOINT_FILE
         tmp = path.with_suffix(".tmp")
-        torch.save(self.state_dict(epoch), tmp)
-        tmp.replace(path)  # a run killed while saving keeps the previous checkpoint
+        try:
+            torch.save(self.state_dict(epoch), tmp)
+            tmp.replace(path)  # a run killed while saving keeps the previous checkpoint
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no partial file behind
+            raise
         return path
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Resume from a checkpoint: the run continues exactly as if never interrupted."""
-        ckpt = torch.load(path, map_location=self.device, weights_only=True)
+        self.load_state(read_checkpoint(path, map_location=self.device))
+
+    def load_state(self, ckpt: dict[str, Any]) -> None:
+        """Resume from a checkpoint already read with :func:`read_checkpoint`."""
         self.model.load_state_dict(ckpt["model"])
         self.masking.load_state_dict(ckpt["masking"])
         self.masking.attach(self.optimizer)
@@ -323,7 +369,11 @@ class Trainer:
             last = epoch == self.cfg.epochs - 1
             if last or (epoch + 1) % self.cfg.eval.every == 0:
                 res.test_loss, res.test_acc = self.evaluate()
+                if not math.isfinite(res.test_loss):
+                    raise Diverged(f"non-finite test loss ({res.test_loss}) after epoch {epoch}")
             self.history.append(res)
+            if self.before_checkpoint:
+                self.before_checkpoint(res)
             path = None
             if last or (epoch + 1) % self.cfg.checkpoint.every == 0:
                 path = self.save_checkpoint(epoch)

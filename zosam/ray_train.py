@@ -32,44 +32,54 @@ def start_local_ray(num_cpus: int | None = None, num_gpus: int | None = None) ->
     The dashboard (``ray[default]``) must run: Ray Train's cleanup of a worker group whose
     Tune trial was stopped early goes through the state API it serves (stack.md, "the
     early-stopping trap"). That cleanup runs in an actor that finds the cluster without an
-    address: ``RAY_ADDRESS``, else the file ``/tmp/ray/ray_current_cluster``, which only
-    ``ray start`` writes. A file left by an earlier, stopped ``ray start`` points it at a
-    dead cluster and the stopped trial's resources are never freed; so this cluster is
-    recorded there too (as ``ray start`` would), and :func:`stop_local_ray` puts back
-    what was there.
+    address: ``RAY_ADDRESS``, else the file ``<ray temp dir>/ray_current_cluster``, which
+    only ``ray start`` writes. Each local Ray started here gets a temp dir of its own
+    (``RAY_TMPDIR``, inherited by its raylet and workers) and its address is recorded in
+    that dir's file: the machine-wide ``/tmp/ray/ray_current_cluster`` is never touched,
+    so two sweeps on one host (or a ``ray start`` beside them) do not redirect each other's
+    cleanup. :func:`stop_local_ray` removes the dir.
     """
     import ray
+    from ray._common.utils import get_ray_address_file
 
-    global _previous_address
+    global _own_tmpdir, _previous_tmpdir
     os.environ.setdefault(LOOPBACK_ENV, "0")  # every Ray listener on 127.0.0.1
-    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True,
-             dashboard_host="127.0.0.1", log_to_driver=False, configure_logging=False)
-    path = _address_file()
-    _previous_address = path.read_text() if path.is_file() else None
-    path.write_text(ray.get_runtime_context().gcs_address)
+    # Short (Ray's socket paths must stay under 108 bytes) and private to this process.
+    _own_tmpdir = tempfile.mkdtemp(prefix="zr-", dir="/tmp")
+    _previous_tmpdir = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = _own_tmpdir
+    try:
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True,
+                 dashboard_host="127.0.0.1", log_to_driver=False, configure_logging=False)
+    except BaseException:
+        _restore_tmpdir()
+        raise
+    Path(get_ray_address_file(None)).write_text(ray.get_runtime_context().gcs_address)
 
 
 def stop_local_ray() -> None:
-    """Shut down the Ray that :func:`start_local_ray` started and restore the address file."""
+    """Shut down the Ray that :func:`start_local_ray` started and remove its temp dir."""
     import ray
 
-    global _previous_address
     ray.shutdown()
-    path = _address_file()
-    if _previous_address is None:
-        path.unlink(missing_ok=True)
+    _restore_tmpdir()
+
+
+def _restore_tmpdir() -> None:
+    import shutil
+
+    global _own_tmpdir, _previous_tmpdir
+    if _previous_tmpdir is None:
+        os.environ.pop("RAY_TMPDIR", None)
     else:
-        path.write_text(_previous_address)
-    _previous_address = None
+        os.environ["RAY_TMPDIR"] = _previous_tmpdir
+    if _own_tmpdir is not None:
+        shutil.rmtree(_own_tmpdir, ignore_errors=True)
+    _own_tmpdir = _previous_tmpdir = None
 
 
-_previous_address: str | None = None
-
-
-def _address_file() -> Path:
-    from ray._private.utils import get_ray_address_file
-
-    return Path(get_ray_address_file(None))
+_own_tmpdir: str | None = None
+_previous_tmpdir: str | None = None
 
 
 def connect_or_start(address: str | None, num_cpus: int | None = None) -> bool:
@@ -80,10 +90,33 @@ def connect_or_start(address: str | None, num_cpus: int | None = None) -> bool:
     if ray.is_initialized():
         return False
     if address:
+        check_ray_address("--address", address)
         ray.init(address=address, log_to_driver=False)
         return False
     start_local_ray(num_cpus)
     return True
+
+
+def check_ray_address(field: str, address: str, timeout_s: float = 5.0) -> str:
+    """A ``host:port`` (or ``ray://host:port``) Ray address must answer a TCP connection within
+    ``timeout_s``: Ray itself retries for minutes with a warning per attempt. ``auto`` is Ray's."""
+    import socket
+
+    from zosam.validate import ConfigError
+
+    if address in ("auto", "local"):
+        return address
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{field}={address!r} is invalid; must be host:port, ray://host:port or auto")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+        raise ConfigError(f"{field}={address!r}: no Ray cluster answers there ({reason}, {timeout_s:g} s timeout)") \
+            from None
+    return address
 
 
 def epoch_metrics(res: EpochResult, cost: dict[str, Any]) -> dict[str, Any]:
@@ -167,11 +200,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 def make_trainer(run_dict: dict[str, Any], *, num_workers: int, use_gpu: bool, cpus_per_worker: float = 1.0,
                  name: str, storage_path: str, max_failures: int = 0, tracking_uri: str | None = None,
                  parent_run_id: str | None = None, extra_tags: dict[str, str] | None = None,
-                 callbacks: list | None = None):
+                 callbacks: list | None = None, storage_filesystem: Any = None):
     """A ``TorchTrainer`` running :func:`train_loop_per_worker` on ``num_workers`` workers.
 
     A run with the same ``name`` and ``storage_path`` resumes from its last checkpoint
-    (Ray Train V2 restores its checkpoint manager from storage).
+    (Ray Train V2 restores its checkpoint manager from storage). Ray keeps the run
+    config's ``checkpoint.keep`` latest checkpoints; ``storage_filesystem`` is a pyarrow
+    filesystem for ``storage_path`` (``zosam.storage.filesystem``: an S3 endpoint).
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -185,9 +220,9 @@ def make_trainer(run_dict: dict[str, Any], *, num_workers: int, use_gpu: bool, c
                                                resources_per_worker={"CPU": cpus_per_worker,
                                                                      **({"GPU": 1} if use_gpu else {})}),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage_path, callbacks=callbacks or [],
+            name=name, storage_path=storage_path, storage_filesystem=storage_filesystem, callbacks=callbacks or [],
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=RunConfig.from_dict(run_dict).checkpoint.keep)),
     )
 
 
@@ -197,16 +232,17 @@ def train_distributed(cfg: RunConfig, *, num_workers: int, use_gpu: bool = False
     """``zosam train --workers N``: the same run on N Ray Train workers (DDP)."""
 
     from zosam.runner import RunOutcome
-    from zosam.tracking import default_tracking_uri
+    from zosam.tracking import check_tracking_uri, default_tracking_uri
+    from zosam.validate import ConfigError
 
+    uri = check_tracking_uri("--tracking-uri", tracking_uri or cfg.tracking.uri or default_tracking_uri())
     storage = str(Path(checkpoint_dir or Path("runs") / cfg.name / "ray").resolve())
     started = connect_or_start(address, num_cpus=max(2, num_workers + 1))
     try:
         trainer = make_trainer(cfg.to_dict(), num_workers=num_workers, use_gpu=use_gpu, name=cfg.name,
-                               storage_path=storage, max_failures=max_failures,
-                               tracking_uri=tracking_uri or cfg.tracking.uri or default_tracking_uri())
+                               storage_path=storage, max_failures=max_failures, tracking_uri=uri)
         if not resume and (Path(storage) / cfg.name).exists():
-            raise ValueError(f"a run named {cfg.name!r} already exists in {storage}; pass --resume to continue "
+            raise ConfigError(f"a run named {cfg.name!r} already exists in {storage}; pass --resume to continue "
                              "it or set name=<new name>")
         try:
             result = trainer.fit()

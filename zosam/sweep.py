@@ -19,10 +19,17 @@ Spec layout (every key validated before Ray starts; see ``tune/quick.yaml``)::
                 gpus_per_worker: 0, max_concurrent_trials: 2, max_failures: 0}
     ray: {num_cpus: 2}               # a local Ray's logical CPUs
     tracking: {experiment: zosam-sweeps}
+    storage_path: s3://bucket/zosam/ray   # Ray's results (default $ZOSAM_STORAGE_PATH, else ./ray_results)
+    storage_endpoint: http://127.0.0.1:9000   # an S3-protocol store other than AWS (zosam/storage.py)
 
 ``workers_per_trial: 0`` runs the training loop inside the Tune trial (no Train worker
 group: cheapest on one machine); ``N >= 1`` launches a ``TorchTrainer`` with N workers
 per trial and forwards its reports with ``TuneReportCallback``.
+
+``max_failures`` is each trial's retry budget: Tune restarts a failed trial (a lost node, a
+killed process) from its last checkpoint up to that many times, and a trial's Train worker
+group gets the same budget for worker failures. Both restarts continue the trial's MLflow
+run. The leaderboard shows the retries each trial used out of its budget.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,13 +46,23 @@ from typing import Any
 
 import yaml
 
-from zosam.config import RunConfig, apply_overrides, yaml_load
+from zosam.config import SEED_MAX, RunConfig, apply_overrides, read_yaml_file
 from zosam.pareto import pareto_front
-from zosam.validate import choice, in_range
+from zosam.storage import check_endpoint
+from zosam.validate import (
+    ConfigError,
+    check_experiment_name,
+    check_tracking_uri_format,
+    check_writable_dir,
+    choice,
+    in_range,
+    safe_name,
+    show,
+)
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
 SPEC_KEYS = {"name", "description", "base", "overrides", "space", "objectives", "search", "scheduler",
-             "num_trials", "resources", "ray", "tracking", "storage_path"}
+             "num_trials", "resources", "ray", "tracking", "storage_path", "storage_endpoint"}
 RESOURCE_KEYS = {"cpus_per_trial": 1.0, "workers_per_trial": 0, "cpus_per_worker": 1.0, "gpus_per_worker": 0.0,
                  "gpus_per_trial": 0.0, "max_concurrent_trials": 1, "max_failures": 0}
 SEARCH_KEYS = {"sampler", "seed", "points_to_evaluate"}
@@ -66,6 +84,7 @@ class SweepSpec:
     ray: dict[str, Any]
     tracking: dict[str, Any]
     storage_path: str | None
+    storage_endpoint: str | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -77,32 +96,37 @@ def _keys(section: str, d: Any, allowed: set[str]) -> dict[str, Any]:
     if d is None:
         return {}
     if not isinstance(d, dict):
-        raise ValueError(f"{section} must be a mapping, got {type(d).__name__}")
-    unknown = sorted(set(d) - allowed)
+        raise ConfigError(f"{section} must be a mapping, got {type(d).__name__}")
+    unknown = sorted(set(d) - allowed, key=str)
     if unknown:
-        raise ValueError(f"unknown key {section + '.' if section else ''}{unknown[0]}; "
+        raise ConfigError(f"unknown key {section + '.' if section else ''}{show(unknown[0]).strip(chr(39))}; "
                          f"allowed: {', '.join(sorted(allowed))}")
     return dict(d)
 
 
+def _any_keys(d: Any) -> set[Any]:
+    """The keys of a free-form mapping section (``space``, ``overrides``): all allowed, if it is one."""
+    return set(d) if isinstance(d, dict) else set()
+
+
 def _check_distribution(key: str, dist: Any) -> None:
     if not isinstance(dist, dict) or len(dist) != 1:
-        raise ValueError(f"space.{key} must be one of {{{' | '.join(DISTRIBUTIONS)}: ...}}")
+        raise ConfigError(f"space.{key} must be one of {{{' | '.join(DISTRIBUTIONS)}: ...}}")
     (kind, args), = dist.items()
     choice(f"space.{key} distribution", kind, DISTRIBUTIONS)
     if kind == "choice":
         if not isinstance(args, list) or not args:
-            raise ValueError(f"space.{key}.choice must be a non-empty list")
+            raise ConfigError(f"space.{key}.choice must be a non-empty list")
         return
     if not isinstance(args, list) or len(args) != 2:
-        raise ValueError(f"space.{key}.{kind} must be [low, high]")
+        raise ConfigError(f"space.{key}.{kind} must be [low, high]")
     low, high = args
     in_range(f"space.{key}.{kind} low", low, integer=kind == "randint")
     in_range(f"space.{key}.{kind} high", high, integer=kind == "randint")
     if not low < high and not (kind == "randint" and low == high):
-        raise ValueError(f"space.{key}.{kind}=[{low}, {high}] is an empty or inverted range; need low < high")
+        raise ConfigError(f"space.{key}.{kind}=[{low}, {high}] is an empty or inverted range; need low < high")
     if kind == "loguniform" and low <= 0:
-        raise ValueError(f"space.{key}.loguniform low={low} is invalid; must be > 0")
+        raise ConfigError(f"space.{key}.loguniform low={low} is invalid; must be > 0")
 
 
 def _corners(space: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -120,38 +144,42 @@ def load_spec(path_or_dict: str | Path | dict[str, Any], overrides: Sequence[str
         raw, root = copy.deepcopy(path_or_dict), Path.cwd()
     else:
         p = Path(path_or_dict)
-        if not p.is_file():
-            raise FileNotFoundError(f"sweep spec {str(p)!r} does not exist")
-        raw, root = yaml_load(p.read_text()) or {}, p.resolve().parent.parent
+        raw, root = read_yaml_file(p, "sweep spec"), p.resolve().parent.parent
         if not isinstance(raw, dict):
-            raise ValueError(f"{p}: a sweep spec must be a mapping")
+            raise ConfigError(f"{p}: a sweep spec must be a mapping")
     raw = apply_overrides(raw, list(overrides))
     _keys("", raw, SPEC_KEYS)
     name = raw.get("name")
-    if not isinstance(name, str) or not name:
-        raise ValueError("name is required: a non-empty string naming the sweep")
+    if name is None:
+        raise ConfigError("name is required: a non-empty string naming the sweep")
+    safe_name("name", name)
     base = raw.get("base", {})
     if isinstance(base, str):
         bp = Path(base) if Path(base).is_absolute() else root / base
         if not bp.is_file():
-            raise ValueError(f"base={base!r}: no such run config file")
-        base = yaml_load(bp.read_text()) or {}
+            raise ConfigError(f"base={show(base)}: no such run config file")
+        base = read_yaml_file(bp, "base run config")
     if not isinstance(base, dict):
-        raise ValueError("base must be a run-config mapping or a path to one")
-    base = apply_overrides(base, [f"{k}={json.dumps(v)}" for k, v in (raw.get("overrides") or {}).items()])
+        raise ConfigError("base must be a run-config mapping or a path to one")
+    base = apply_overrides(base, [f"{k}={json.dumps(v)}" for k, v in
+                                  _keys("overrides", raw.get("overrides"), _any_keys(raw.get("overrides"))).items()])
     base.setdefault("name", name)
     RunConfig.from_dict(base)  # the base itself must be a valid run
-    space = _keys("space", raw.get("space"), set(raw.get("space") or {}))
+    space = _keys("space", raw.get("space"), _any_keys(raw.get("space")))
     if not space:
-        raise ValueError("space is empty: give at least one dotted run-config field to search")
+        raise ConfigError("space is empty: give at least one dotted run-config field to search")
     for key, dist in space.items():
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"space key {show(key)} is invalid; must be a dotted run-config field")
         _check_distribution(key, dist)
         try:  # optimizer fields depend on the optimizer class: ask the run config itself
             RunConfig.from_dict(apply_overrides(base, [f"{key}={json.dumps(next(iter(dist.values()))[0])}"]))
         except ValueError as e:
             if str(e).startswith("unknown key") or "must be a mapping" in str(e):
-                raise ValueError(f"space.{key} is not a field of the run config ({e})") from None
+                raise ConfigError(f"space.{key} is not a field of the run config ({e})") from None
     objectives = raw.get("objectives") or [{"metric": "test_acc", "mode": "max"}]
+    if not isinstance(objectives, list):
+        raise ConfigError(f"objectives={show(objectives)} is invalid; must be a list of {{metric, mode}} mappings")
     for i, o in enumerate(objectives):
         o = _keys(f"objectives[{i}]", o, {"metric", "mode"})
         choice(f"objectives[{i}].metric", o.get("metric"), OBJECTIVE_METRICS)
@@ -159,7 +187,10 @@ def load_spec(path_or_dict: str | Path | dict[str, Any], overrides: Sequence[str
     search = {"sampler": "tpe", "seed": 0, "points_to_evaluate": [],
               **_keys("search", raw.get("search"), SEARCH_KEYS)}
     choice("search.sampler", search["sampler"], ("tpe", "random", "nsga2"))
-    in_range("search.seed", search["seed"], 0, integer=True)
+    in_range("search.seed", search["seed"], 0, SEED_MAX, integer=True)
+    if not isinstance(search["points_to_evaluate"] or [], list):
+        raise ConfigError(f"search.points_to_evaluate={show(search['points_to_evaluate'])} is invalid; "
+                          "must be a list of mappings of space fields")
     for i, point in enumerate(search["points_to_evaluate"] or []):
         _keys(f"search.points_to_evaluate[{i}]", point, set(space))
     scheduler = {"type": "asha", "grace_period": 1, "reduction_factor": 2,
@@ -168,7 +199,7 @@ def load_spec(path_or_dict: str | Path | dict[str, Any], overrides: Sequence[str
     in_range("scheduler.grace_period", scheduler["grace_period"], 1, integer=True)
     in_range("scheduler.reduction_factor", scheduler["reduction_factor"], 1, low_open=True)
     if scheduler["type"] == "asha" and len(objectives) > 1:
-        raise ValueError("scheduler.type=asha needs one objective; use scheduler.type=none in "
+        raise ConfigError("scheduler.type=asha needs one objective; use scheduler.type=none in "
                          "multi-objective mode (ASHA would stop trials on one objective only)")
     num_trials = in_range("num_trials", raw.get("num_trials", 8), 1, integer=True)
     resources = {**RESOURCE_KEYS, **_keys("resources", raw.get("resources"), set(RESOURCE_KEYS))}
@@ -180,15 +211,26 @@ def load_spec(path_or_dict: str | Path | dict[str, Any], overrides: Sequence[str
     in_range("resources.max_concurrent_trials", resources["max_concurrent_trials"], 1, integer=True)
     in_range("resources.max_failures", resources["max_failures"], 0, integer=True)
     ray_cfg = _keys("ray", raw.get("ray"), {"num_cpus", "num_gpus"})
+    for k in ("num_cpus", "num_gpus"):
+        if ray_cfg.get(k) is not None:
+            in_range(f"ray.{k}", ray_cfg[k], 1 if k == "num_cpus" else 0, integer=True)
     tracking = {"experiment": "zosam-sweeps", **_keys("tracking", raw.get("tracking"), {"experiment", "uri"})}
+    check_experiment_name("tracking.experiment", tracking["experiment"])
+    if tracking.get("uri") is not None:
+        check_tracking_uri_format("tracking.uri", tracking["uri"])
+    if raw.get("storage_path") is not None and (not isinstance(raw["storage_path"], str) or not raw["storage_path"]):
+        raise ConfigError(f"storage_path={show(raw['storage_path'])} is invalid; must be a folder path or URI")
     # Every end of every range must give a valid run config (e.g. rho > 0, density <= 1).
     for corner in _corners(space) + list(search["points_to_evaluate"] or []):
         try:
             RunConfig.from_dict(apply_overrides(base, [f"{k}={json.dumps(v)}" for k, v in corner.items()]))
         except ValueError as e:
-            raise ValueError(f"space: {corner} gives an invalid run config: {e}") from None
+            raise ConfigError(f"space: {corner} gives an invalid run config: {e}") from None
+    endpoint = raw.get("storage_endpoint")
+    if endpoint is not None:
+        check_endpoint("storage_endpoint", endpoint)
     return SweepSpec(name, base, space, objectives, search, scheduler, num_trials, resources, ray_cfg, tracking,
-                     raw.get("storage_path"), raw)
+                     raw.get("storage_path"), endpoint, raw)
 
 
 def trial_resources(spec: SweepSpec) -> dict[str, float]:
@@ -207,7 +249,7 @@ def check_cluster_can_run(spec: SweepSpec, cluster: dict[str, float]) -> None:
         have = cluster.get(res, 0.0)
         if amount > have + 1e-9:
             field_name = "resources.gpus_per_worker" if res == "GPU" else "resources.cpus_per_trial/cpus_per_worker"
-            raise ValueError(f"{field_name}: one trial needs {amount:g} {res} but the Ray cluster has {have:g}; "
+            raise ConfigError(f"{field_name}: one trial needs {amount:g} {res} but the Ray cluster has {have:g}; "
                              "lower the request or add nodes")
 
 
@@ -237,9 +279,14 @@ def trial_function(config: dict[str, Any]) -> None:
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from zosam.storage import filesystem, ray_path
+
+    endpoint = ctx.get("storage_endpoint")
     trainer = make_trainer(run_dict, num_workers=ctx["workers_per_trial"], use_gpu=ctx["gpus_per_worker"] > 0,
                            cpus_per_worker=ctx["cpus_per_worker"], name=run_dict["name"],
-                           storage_path=ctx["train_storage"], max_failures=ctx["max_failures"],
+                           storage_path=ray_path(ctx["train_storage"], endpoint),
+                           storage_filesystem=filesystem(ctx["train_storage"], endpoint),
+                           max_failures=ctx["max_failures"],
                            tracking_uri=ctx["tracking_uri"], parent_run_id=ctx["parent_run_id"], extra_tags=tags,
                            callbacks=[TuneReportCallback()])
     try:
@@ -304,6 +351,10 @@ def _make_callback(spec: SweepSpec, tracking_uri: str):
                 print(f"trial {trial.trial_id} stopped early by {spec.scheduler['type']} at epoch "
                       f"{last.get('epoch')}", flush=True)
 
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            print(f"trial {trial.trial_id} failed ({_trial_error(trial)}); restarting from its last checkpoint, "
+                  f"retry {trial.num_failures}/{spec.resources['max_failures']}", flush=True)
+
         def on_trial_error(self, iteration, trials, trial, **info):
             reason = _trial_error(trial)
             run_id = (trial.last_result or {}).get("mlflow_run_id")
@@ -349,16 +400,28 @@ def _sweep_state(storage: Path, spec: SweepSpec, tracking_uri: str, resume: bool
 
 def run_sweep(spec_path: str | Path | dict[str, Any], *, address: str | None = None, resume: bool = False,
               tracking_uri: str | None = None, storage_path: str | None = None, num_cpus: int | None = None,
-              overrides: Sequence[str] = (), out: Any = print) -> SweepResult:
-    """Run (or resume) a sweep; print a leaderboard; write the best config as YAML."""
-    spec = load_spec(spec_path, overrides)  # all validation before Ray starts
-    from zosam.tracking import default_tracking_uri, ensure_experiment
+              storage_endpoint: str | None = None, overrides: Sequence[str] = (), out: Any = print) -> SweepResult:
+    """Run (or resume) a sweep; print a leaderboard; write the best config as YAML.
 
-    uri = tracking_uri or spec.tracking.get("uri") or default_tracking_uri()
-    storage_uri = storage_path or spec.storage_path or "ray_results"
+    ``storage_endpoint`` (or the spec's, or ``$AWS_ENDPOINT_URL_S3``) points an ``s3://``
+    ``storage_path`` at an S3-protocol server other than AWS (``zosam.storage``).
+    """
+    if num_cpus is not None:
+        in_range("--num-cpus", num_cpus, 1, integer=True)
+    spec = load_spec(spec_path, overrides)  # all validation before Ray starts
+    from zosam.storage import filesystem, ray_path, resolve_endpoint
+    from zosam.tracking import check_tracking_uri, default_tracking_uri, ensure_experiment
+
+    uri = check_tracking_uri("--tracking-uri", tracking_uri or spec.tracking.get("uri") or default_tracking_uri())
+    storage_uri = storage_path or spec.storage_path or os.environ.get("ZOSAM_STORAGE_PATH") or "ray_results"
+    endpoint = resolve_endpoint(storage_uri, storage_endpoint if storage_endpoint is not None
+                                else spec.storage_endpoint,
+                                "--storage-endpoint" if storage_endpoint is not None else "storage_endpoint")
     remote = "://" in storage_uri  # s3://, gs://: Ray's storage; sweep bookkeeping stays local
     if not remote:
         storage_uri = str(Path(storage_uri).resolve())
+        check_writable_dir("--storage-path", storage_uri)
+    fs = filesystem(storage_uri, endpoint)
     local = Path("sweep_outputs").resolve() if remote else Path(storage_uri)
     import ray
     from ray import tune
@@ -366,7 +429,7 @@ def run_sweep(spec_path: str | Path | dict[str, Any], *, address: str | None = N
     from zosam.cluster_checks import check_multi_node_settings
     from zosam.ray_train import connect_or_start, stop_local_ray
 
-    started = connect_or_start(address, num_cpus=num_cpus or spec.ray.get("num_cpus"))
+    started = connect_or_start(address, num_cpus=num_cpus if num_cpus is not None else spec.ray.get("num_cpus"))
     try:
         check_multi_node_settings(uri, storage_uri, len([n for n in ray.nodes() if n.get("Alive")]))
         check_cluster_can_run(spec, ray.cluster_resources())
@@ -374,21 +437,23 @@ def run_sweep(spec_path: str | Path | dict[str, Any], *, address: str | None = N
         state = _sweep_state(local, spec, uri, resume)
         ctx = {"base": spec.base, "sweep": spec.name, "tracking_uri": uri, "parent_run_id": state["parent_run_id"],
                "experiment": spec.tracking["experiment"],
-               "train_storage": f"{storage_uri}/{spec.name}-train", **spec.resources}
+               "train_storage": f"{storage_uri}/{spec.name}-train", "storage_endpoint": endpoint,
+               **spec.resources}
         trainable = tune.with_resources(trial_function, _placement(spec))
         exp_dir = f"{storage_uri}/{spec.name}"
-        if resume and tune.Tuner.can_restore(exp_dir):
+        if resume and tune.Tuner.can_restore(ray_path(exp_dir, endpoint), storage_filesystem=fs):
             out(f"resuming sweep {spec.name!r} from {exp_dir}")
-            tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True,
+            tuner = tune.Tuner.restore(ray_path(exp_dir, endpoint), trainable=trainable, resume_unfinished=True,
                                        resume_errored=False, restart_errored=False,
-                                       param_space={**_space(spec), "_zosam": ctx})
+                                       param_space={**_space(spec), "_zosam": ctx}, storage_filesystem=fs)
         else:
             if not remote and Path(exp_dir).exists() and not resume:
-                raise ValueError(f"a sweep named {spec.name!r} already exists in {storage_uri}; use --resume to "
+                raise ConfigError(f"a sweep named {spec.name!r} already exists in {storage_uri}; use --resume to "
                                  "continue it, or --set name=<new name>")
-            tuner = _new_tuner(spec, trainable, ctx, storage_uri, uri)
+            tuner = _new_tuner(spec, trainable, ctx, ray_path(storage_uri, endpoint), uri, fs)
         grid = tuner.fit()
-        return _report(spec, grid, state["parent_run_id"], uri, local, out, ray_dir=exp_dir)
+        return _report(spec, grid, state["parent_run_id"], uri, local, out, ray_dir=exp_dir,
+                       retries=_retries_used(grid))
     finally:
         if started:
             stop_local_ray()
@@ -408,7 +473,7 @@ def _placement(spec: SweepSpec):
     return tune.PlacementGroupFactory([{"CPU": r["cpus_per_trial"]}])
 
 
-def _new_tuner(spec: SweepSpec, trainable, ctx: dict[str, Any], storage: str, uri: str):
+def _new_tuner(spec: SweepSpec, trainable, ctx: dict[str, Any], storage: str, uri: str, fs=None):
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -436,13 +501,25 @@ def _new_tuner(spec: SweepSpec, trainable, ctx: dict[str, Any], storage: str, ur
         param_space={**_space(spec), "_zosam": ctx},
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=spec.num_trials,
                                     max_concurrent_trials=spec.resources["max_concurrent_trials"]),
-        run_config=tune.RunConfig(name=spec.name, storage_path=storage, verbose=0,
+        run_config=tune.RunConfig(name=spec.name, storage_path=storage, storage_filesystem=fs, verbose=0,
                                   callbacks=[_make_callback(spec, uri)],
-                                  failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
+                                  # A failed trial (lost node, killed process) restarts from its
+                                  # last checkpoint; the run config's checkpoint.keep bounds storage.
+                                  failure_config=tune.FailureConfig(max_failures=spec.resources["max_failures"],
+                                                                    fail_fast=False),
+                                  checkpoint_config=tune.CheckpointConfig(
+                                      num_to_keep=RunConfig.from_dict(spec.base).checkpoint.keep)),
     )
 
 
-def _report(spec: SweepSpec, grid, parent_run_id: str, uri: str, storage: Path, out, *, ray_dir: str) -> SweepResult:
+def _retries_used(grid) -> dict[str, int]:
+    """Restarts per trial id, as Tune counted them (kept in the experiment state across ``--resume``)."""
+    analysis = getattr(grid, "_experiment_analysis", None)
+    return {t.trial_id: int(t.num_failures) for t in getattr(analysis, "trials", None) or []}
+
+
+def _report(spec: SweepSpec, grid, parent_run_id: str, uri: str, storage: Path, out, *, ray_dir: str,
+            retries: dict[str, int] | None = None) -> SweepResult:
     from zosam.tracking import RunLogger
 
     metrics = [o["metric"] for o in spec.objectives]
@@ -453,7 +530,9 @@ def _report(spec: SweepSpec, grid, parent_run_id: str, uri: str, storage: Path, 
         params = {k: v for k, v in (r.config or {}).items() if k != "_zosam"}
         status = "failed" if r.error else ("stopped_early" if m.get("epoch", 0) < int(spec.base.get("epochs", 10))
                                            else "finished")
-        trials.append({"trial_id": m.get("trial_id") or Path(r.path).name, "status": status, "params": params,
+        trial_id = m.get("trial_id") or Path(r.path).name
+        trials.append({"trial_id": trial_id, "status": status, "params": params,
+                       "retries": (retries or {}).get(trial_id, 0), "max_failures": spec.resources["max_failures"],
                        **{k: m.get(k) for k in (*metrics, "epoch", "train_time_s", "passes_backward",
                                                 "mlflow_run_id", "time_total_s")}})
     ok = [t for t in trials if t["status"] != "failed" and all(t.get(k) is not None for k in metrics)]
@@ -498,7 +577,7 @@ def _leaderboard(trials: list[dict[str, Any]], metrics: list[str], keys: list[st
     rows = []
     for t in trials:
         row = {"": "*" if t["trial_id"] in best_ids else "", "trial": t["trial_id"], "status": t["status"],
-               "epochs": t.get("epoch")}
+               "epochs": t.get("epoch"), "retries": f"{t.get('retries', 0)}/{t.get('max_failures', 0)}"}
         row.update({k: t.get(k) for k in metrics})
         row.update({k.split(".")[-1]: t["params"].get(k) for k in keys})
         rows.append(row)

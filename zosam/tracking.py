@@ -7,15 +7,48 @@ mean. Names of tags, params and metrics: ``docs/design.md``.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
+import logging
 import os
+import socket
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
+from zosam.validate import ConfigError, check_tracking_uri_format, check_writable_dir
+
 STATUS_TAG, REASON_TAG, KEY_TAG = "zosam.status", "zosam.failure_reason", "zosam.run_key"
+KEY_HASH_TAG = "zosam.run_key_sha256"  # what lookups filter on: hex only, nothing to escape
+CONNECT_TIMEOUT_S = 5.0
+
+
+class TrackingError(RuntimeError):
+    """A write to (or read from) the MLflow store failed: the run ends ``failed`` with this reason."""
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _tracked(fn: _F) -> _F:
+    """MLflow's errors (a full disk, a lost server, a locked database) become one ``TrackingError``
+    whose message names the store, the operation and the cause's first line."""
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except TrackingError:
+            raise
+        except Exception as e:
+            cause = (str(e).strip().splitlines() or [""])[0][:300]
+            raise TrackingError(f"MLflow {fn.__name__} on {self.uri} failed: {type(e).__name__}: {cause}") from e
+
+    return wrapper  # type: ignore[return-value]
 
 
 def default_tracking_uri() -> str:
@@ -35,10 +68,91 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+def check_tracking_uri(field: str, uri: str, *, timeout_s: float = CONNECT_TIMEOUT_S) -> str:
+    """Check a tracking URI before any work: its form; a sqlite store's folder exists and is
+    writable (nothing is created); a server answers a TCP connection within ``timeout_s``
+    (MLflow itself retries for minutes)."""
+    from urllib.parse import urlsplit
+
+    check_tracking_uri_format(field, uri)
+    scheme = uri.partition("://")[0].split("+")[0].lower()
+    if scheme == "sqlite":
+        db = Path(uri.removeprefix("sqlite:///"))
+        if db.is_dir():
+            raise ConfigError(f"{field}={uri!r} is invalid; {db} is a folder, not a database file")
+        if not db.parent.is_dir():
+            raise ConfigError(f"{field}={uri!r} is invalid; the folder {db.parent} does not exist "
+                              "(create it, or point the URI at an existing folder)")
+        check_writable_dir(field, db.parent)
+    elif scheme in ("http", "https"):
+        parts = urlsplit(uri)
+        port = parts.port or (443 if scheme == "https" else 80)
+        try:
+            with socket.create_connection((parts.hostname, port), timeout=timeout_s):
+                pass
+        except OSError as e:
+            reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+            raise ConfigError(f"{field}={uri!r}: no MLflow server answers at {parts.hostname}:{port} "
+                              f"({reason}, {timeout_s:g} s timeout)") from None
+    return uri
+
+
+_LOCK_DIR_ENV = "ZOSAM_LOCK_DIR"
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """An exclusive lock over a sqlite store's one-time work (schema creation, experiment
+    creation), shared by every process on the host: two runs started together on a new
+    store would otherwise both create the schema ("table experiments already exists")."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    lock = db.with_name(db.name + ".lock")
+    with open(lock, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+_ready: set[str] = set()
+
+
+class _OneLine(logging.Filter):
+    """MLflow logs each database error with its traceback and SQL before raising it (a full
+    disk printed 13 chained tracebacks); the raised error becomes our ``TrackingError`` with
+    the reason, so the log keeps only the first line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            record.msg, record.args = (record.getMessage().strip().splitlines() or [""])[0][:300], None
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def _quiet_mlflow_db_errors() -> None:
+    log = logging.getLogger("mlflow.store.db.utils")
+    if not any(isinstance(f, _OneLine) for f in log.filters):
+        log.addFilter(_OneLine())
+
+
 def client(uri: str):
+    """An ``MlflowClient``; a sqlite store's schema is created once, under :func:`store_lock`."""
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    _quiet_mlflow_db_errors()
+    if not uri.startswith("sqlite:///") or uri in _ready:
+        return MlflowClient(tracking_uri=uri)
+    with store_lock(uri):
+        c = MlflowClient(tracking_uri=uri)
+        c.search_experiments(max_results=1)  # opens the store: creates and migrates the schema
+    _ready.add(uri)
+    return c
 
 
 def ensure_experiment(uri: str, name: str) -> str:
@@ -54,13 +168,21 @@ def ensure_experiment(uri: str, name: str) -> str:
     location = None
     if uri.startswith("sqlite:///"):
         location = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
-    try:
-        return c.create_experiment(name, artifact_location=location)
-    except Exception:  # created concurrently by another process: use theirs
+    with store_lock(uri):
         exp = c.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return c.create_experiment(name, artifact_location=location)
+        except Exception:  # created concurrently by another host (a server store): use theirs
+            exp = c.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+
+def run_key_hash(run_key: str) -> str:
+    return hashlib.sha256(run_key.encode()).hexdigest()
 
 
 class RunLogger:
@@ -78,14 +200,18 @@ class RunLogger:
             so a worker restarted before its first checkpoint does not open a second run.
     """
 
+    @_tracked
     def __init__(self, uri: str, experiment: str, run_name: str, *, tags: Mapping[str, str] | None = None,
                  parent_run_id: str | None = None, run_id: str | None = None,
                  run_key: str | None = None) -> None:
         self.uri = uri
         self.client = client(uri)
         if run_id is None and run_key is not None:
+            # By the key's hash (hex: nothing to escape in the filter), then the exact key.
             found = self.client.search_runs([ensure_experiment(uri, experiment)],
-                                            filter_string=f"tags.`{KEY_TAG}` = '{run_key}'", max_results=1)
+                                            filter_string=f"tags.`{KEY_HASH_TAG}` = '{run_key_hash(run_key)}'",
+                                            max_results=10)
+            found = [r for r in found if r.data.tags.get(KEY_TAG) == run_key]
             run_id = found[0].info.run_id if found else None
         if run_id is not None:
             self.run_id = run_id
@@ -94,12 +220,14 @@ class RunLogger:
             all_tags = {"mlflow.runName": run_name, **(tags or {})}
             if run_key:
                 all_tags[KEY_TAG] = run_key
+                all_tags[KEY_HASH_TAG] = run_key_hash(run_key)
             if parent_run_id:
                 all_tags["mlflow.parentRunId"] = parent_run_id
             run = self.client.create_run(ensure_experiment(uri, experiment), run_name=run_name,
                                          tags={k: str(v) for k, v in all_tags.items()})
             self.run_id = run.info.run_id
 
+    @_tracked
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
@@ -108,6 +236,12 @@ class RunLogger:
         for i in range(0, len(new), 100):  # MLflow's batch limit
             self.client.log_batch(self.run_id, params=new[i:i + 100])
 
+    @_tracked
+    def logged_steps(self, metric: str = "train_loss") -> set[int]:
+        """Steps at which ``metric`` is already logged (the epochs a resume must not log twice)."""
+        return {m.step for m in self.client.get_metric_history(self.run_id, metric)}
+
+    @_tracked
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         import time
 
@@ -119,13 +253,16 @@ class RunLogger:
         for i in range(0, len(batch), 500):
             self.client.log_batch(self.run_id, metrics=batch[i:i + 500])
 
+    @_tracked
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, str(v))
 
+    @_tracked
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
+    @_tracked
     def log_file(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
@@ -138,6 +275,7 @@ class RunLogger:
             fig.savefig(path, dpi=100, bbox_inches="tight")
             self.log_file(path, str(Path(artifact_file).parent) if "/" in artifact_file else None)
 
+    @_tracked
     def end(self, status: str, reason: str | None = None) -> None:
         """``status``: ``finished``, ``stopped_early`` or ``failed`` (MLflow: FINISHED/KILLED/FAILED)."""
         tags = {STATUS_TAG: status}
