@@ -84,6 +84,17 @@ def _actors(lc, class_name: str = TRIAL_ACTOR) -> list[Any]:
     return list_actors(address=lc.address, filters=[("class_name", "=", class_name)], detail=True, limit=10000)
 
 
+def _at_least(lc, n: int, class_name: str = TRIAL_ACTOR, timeout_s: float = 60.0) -> list[Any]:
+    """``_actors`` once it lists ``n`` or more: the state API serves what the dashboard has
+    gathered from the GCS so far, which can lag a fast sweep by seconds."""
+    deadline = time.monotonic() + timeout_s
+    actors = _actors(lc, class_name)
+    while len(actors) < n and time.monotonic() < deadline:
+        time.sleep(0.5)
+        actors = _actors(lc, class_name)
+    return actors
+
+
 LOOPBACK = ("127.0.0.1:", "[::ffff:127.0.0.1]:", "[::1]:")  # IPv4, IPv4-mapped IPv6, IPv6 loopback
 
 
@@ -137,7 +148,7 @@ def test_sweep_spreads_over_nodes_with_server_tracking_and_s3_storage(stack) -> 
     assert not bad, bad
     assert result.completed and [t["status"] for t in result.trials] == ["finished", "finished"]
     workers = {n.node_id for n in lc.workers}
-    placed = {a.node_id for a in _actors(lc)}
+    placed = {a.node_id for a in _at_least(lc, 2)}
     assert placed <= workers and len(placed) == 2, (placed, workers)  # the head has no CPUs
     assert len([n for n in ray.nodes() if n["Alive"]]) == 3
     assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
@@ -263,7 +274,8 @@ def test_node_lost_mid_sweep_trials_restore_on_a_surviving_node(stack) -> None:
     from zosam.sweep import run_sweep
 
     lc = stack
-    epochs = 12
+    # Long enough (about 0.3 s an epoch on a quiet machine) that the loss lands mid-run.
+    epochs = 40
     spec = _spec("node-loss", lc, trials=2, epochs=epochs, max_failures=1)
     spec["base"]["checkpoint"] = {"keep": 3}
     lost = lc.workers[1]
@@ -274,15 +286,9 @@ def test_node_lost_mid_sweep_trials_restore_on_a_surviving_node(stack) -> None:
     t0 = time.perf_counter()
     run.start()
     deadline = time.monotonic() + 300
-    # Both trials running, one on each worker node (the state API is slow: asked until then) ...
-    before: list[Any] = []
-    while time.monotonic() < deadline and run.is_alive():
-        before = _actors(lc)
-        if {a.node_id for a in before if a.state == "ALIVE"} == {n.node_id for n in lc.workers}:
-            break
-        time.sleep(0.3)
-    # ... and each has uploaded two checkpoints (S3 is fast to ask): the driver has then
-    # registered the first, so the lost trial restores from a checkpoint, not from scratch.
+    # Both trials have uploaded two checkpoints (S3 is fast to ask; the state API is not, so
+    # it is asked once, below): the driver has then registered the first, so the lost trial
+    # restores from a checkpoint, not from scratch.
     while time.monotonic() < deadline and run.is_alive():
         kept: dict[str, set[str]] = {}
         for k in lc.keys("zosam-ray", "ray/node-loss/"):
@@ -291,6 +297,13 @@ def test_node_lost_mid_sweep_trials_restore_on_a_surviving_node(stack) -> None:
         if len(kept) == 2 and all(len(v) >= 2 for v in kept.values()):
             break
         time.sleep(0.1)
+    # One trial on each worker node (the state API can lag: asked until it says so).
+    workers = {n.node_id for n in lc.workers}
+    before = _actors(lc)
+    while ({a.node_id for a in before if a.state == "ALIVE"} != workers and run.is_alive()
+           and time.monotonic() < deadline):
+        time.sleep(0.3)
+        before = _actors(lc)
     assert run.is_alive() and time.monotonic() < deadline, "no trial to lose:\n" + "\n".join(lines)
     stack.cluster.remove_node(lost)
     stack.workers.remove(lost)
@@ -318,7 +331,7 @@ def test_node_lost_mid_sweep_trials_restore_on_a_surviving_node(stack) -> None:
     for k in lc.keys("zosam-ray", "ray/node-loss/"):
         if "/checkpoint_" in k and k.count("/") >= 4:
             kept.setdefault(k.split("/")[2], set()).add(k.split("/")[3])
-    assert len(kept) == 2 and all(1 <= len(v) <= 3 for v in kept.values()), kept  # checkpoint.keep=3 of 8
+    assert len(kept) == 2 and all(1 <= len(v) <= 3 for v in kept.values()), kept  # checkpoint.keep=3 of 40
 
     kids = _children(lc.tracking_uri, result.parent_run_id)
     assert len(kids) == 2 and kids["tags.zosam.trial_id"].nunique() == 2
