@@ -14,7 +14,7 @@ Inner products and norms of gradients run over the *active* weights only (as in
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -27,26 +27,6 @@ from zosam.optim.zosam import SeededStreams, derive_seed
 from zosam.validate import in_range
 
 Grads = Sequence[Tensor | None]
-
-
-def _accumulator(t: Tensor) -> Tensor:
-    """``t`` in at least float32 (sums of half-precision squares overflow or lose bits)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-def _dot(params: Sequence[Tensor], masks: Mapping[Tensor, Tensor], a: Grads, b: Grads) -> float:
-    """``sum_i a_i . b_i`` over the active weights (``None`` counts as zero), accumulated
-    in at least float32 and synchronised once."""
-    terms = []
-    for p, x, y in zip(params, a, b, strict=True):
-        if x is None or y is None:
-            continue
-        prod = _accumulator(x) * _accumulator(y)
-        m = masks.get(p)
-        terms.append((prod if m is None else prod * m).sum())
-    if not terms:
-        return 0.0
-    return float(torch.stack([t.to(terms[0].device) for t in terms]).sum())
 
 
 def _clone_grads(params: Sequence[Tensor]) -> list[Tensor | None]:
@@ -232,13 +212,13 @@ class LookSAM(SAM):
         """``g_s - (g . g_s / ||g||^2) g`` with ``g_s`` in ``.grad``; ``None`` if undefined."""
         params = list(self._params())
         g_s = [p.grad for p in params]
-        g_sq = _dot(params, self.masks, g, g)
+        g_sq = masked_dot(params, self.masks, g, g)
         if not math.isfinite(g_sq) or g_sq == 0.0:
             return None
-        c = _dot(params, self.masks, g, g_s) / g_sq
+        c = masked_dot(params, self.masks, g, g_s) / g_sq
         g_v = [None if s is None else (s.detach().clone() if gi is None else s.detach() - c * gi)
                for s, gi in zip(g_s, g, strict=True)]
-        v_sq = _dot(params, self.masks, g_v, g_v)
+        v_sq = masked_dot(params, self.masks, g_v, g_v)
         return g_v if math.isfinite(v_sq) and v_sq > 0.0 else None
 
     @torch.no_grad()
@@ -248,8 +228,8 @@ class LookSAM(SAM):
             return
         params = list(self._params())
         g = [p.grad for p in params]
-        g_norm = math.sqrt(max(_dot(params, self.masks, g, g), 0.0))
-        v_norm = math.sqrt(_dot(params, self.masks, self.orthogonal, self.orthogonal))
+        g_norm = math.sqrt(max(masked_dot(params, self.masks, g, g), 0.0))
+        v_norm = math.sqrt(masked_dot(params, self.masks, self.orthogonal, self.orthogonal))
         if not math.isfinite(g_norm) or v_norm == 0.0:
             return
         for p, v in zip(params, self.orthogonal, strict=True):
@@ -367,8 +347,8 @@ class GSAM(SAM):
         """
         params = list(self._params())
         g_p = [p.grad for p in params]
-        gp_sq = _dot(params, self.masks, g_p, g_p)
-        c = _dot(params, self.masks, g, g_p) / gp_sq if math.isfinite(gp_sq) and gp_sq > 0.0 else 0.0
+        gp_sq = masked_dot(params, self.masks, g_p, g_p)
+        c = masked_dot(params, self.masks, g, g_p) / gp_sq if math.isfinite(gp_sq) and gp_sq > 0.0 else 0.0
         for p, gi in zip(params, g, strict=True):
             if p.grad is not None and gi is not None:
                 p.grad.mul_(1.0 + self.alpha * c).add_(gi, alpha=-self.alpha)
@@ -441,7 +421,7 @@ class RWP(SeededStreams):
     def _random_perturbation(self, saved: list[Tensor]) -> bool:
         """Set ``w = w0 + rho u / ||u||``; False (weights untouched) if ``||u||`` is 0."""
         seed = derive_seed(self.seed, self.step_count, 0)
-        sq = [_accumulator(u).pow(2).sum() for u in self._directions(seed)]  # u freed one by one
+        sq = [wide(u).pow(2).sum() for u in self._directions(seed)]  # u freed one by one
         norm = math.sqrt(float(torch.stack([t.to(sq[0].device) for t in sq]).sum())) if sq else 0.0
         if not math.isfinite(norm) or norm == 0.0:
             return False
