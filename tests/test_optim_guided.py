@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import batch, mlp
+from tiny import LeastSquares, batch, mlp
 from torch import nn
 
 from zosam.optim import ZOSAM, derive_seed, make_closure
@@ -19,32 +19,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _zosam(model: nn.Module, **kw) -> ZOSAM:
     kw.setdefault("lr", 0.1)
     return ZOSAM(model.parameters(), torch.optim.SGD, model=model, **kw)
-
-
-class LeastSquares:
-    """L(w) = mean_i (x_i . w - y_i)^2 in float64; the closure records the weights it sees."""
-
-    def __init__(self, n: int = 8, d: int = 6, seed: int = 3) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.X = torch.randn(n, d, generator=g, dtype=torch.float64)
-        self.y = torch.randn(n, generator=g, dtype=torch.float64)
-        self.model = nn.Linear(d, 1, bias=False).double()
-        with torch.no_grad():
-            self.model.weight.copy_(torch.randn(1, d, generator=g, dtype=torch.float64))
-        self.seen: list[tuple[torch.Tensor, bool]] = []
-
-    def w(self) -> torch.Tensor:
-        return self.model.weight.detach().view(-1).clone()
-
-    def loss(self, w: torch.Tensor) -> torch.Tensor:
-        return ((self.X @ w - self.y) ** 2).mean()
-
-    def closure(self, fraction: float = 1.0) -> torch.Tensor:
-        self.seen.append((self.w(), torch.is_grad_enabled()))
-        return ((self.model(self.X).view(-1) - self.y) ** 2).mean()
-
-    def grad(self, w: torch.Tensor) -> torch.Tensor:
-        return 2 / len(self.y) * self.X.T @ (self.X @ w - self.y)
 
 
 def _u(seed: int, step: int, i: int) -> torch.Tensor:
@@ -87,7 +61,7 @@ def test_guided_alpha0_ascends_along_the_last_gradient_with_the_measured_sign() 
     a = float(torch.randn(1, generator=torch.Generator().manual_seed(derive_seed(derive_seed(seed, 1, 0), 2)),
                           dtype=torch.float64))
     u = math.sqrt(6) * a * s / s.norm()
-    (wp, gp), (wm, gm), (wf, gf) = ls.seen
+    (wp, gp, _), (wm, gm, _), (wf, gf, _) = ls.seen
     torch.testing.assert_close(wp, w1 + mu * u, rtol=0, atol=1e-12)
     torch.testing.assert_close(wm, w1 - mu * u, rtol=0, atol=1e-12)
     assert not gp and not gm and gf

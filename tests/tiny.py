@@ -1,4 +1,4 @@
-"""A tiny MLP and batches for the optimizer tests, initialised from explicit generators."""
+"""Tiny problems for the optimizer tests (an MLP and batches; float64 least squares), from explicit generators."""
 
 from __future__ import annotations
 
@@ -23,3 +23,38 @@ def mlp(seed: int = 0, bn: bool = False) -> nn.Module:
 def batch(seed: int, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+class LeastSquares:
+    """L(w) = mean_i (x_i . w - y_i)^2 in float64; the closure records the weights it sees."""
+
+    def __init__(self, n: int = 8, d: int = 6, seed: int = 3) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.X = torch.randn(n, d, generator=g, dtype=torch.float64)
+        self.y = torch.randn(n, generator=g, dtype=torch.float64)
+        self.model = nn.Linear(d, 1, bias=False).double()
+        with torch.no_grad():
+            self.model.weight.copy_(torch.randn(1, d, generator=g, dtype=torch.float64))
+        self.seen: list[tuple[torch.Tensor, bool, int]] = []  # (weights, autograd on, samples)
+
+    def w(self) -> torch.Tensor:
+        return self.model.weight.detach().view(-1).clone()
+
+    def closure(self, fraction: float = 1.0, *, indices=None, reduction: str = "mean") -> torch.Tensor:
+        X, y = (self.X, self.y) if indices is None else (self.X[indices], self.y[indices])
+        self.seen.append((self.w(), torch.is_grad_enabled(), len(y)))
+        r = (self.model(X).view(-1) - y) ** 2
+        return r if reduction == "none" else r.mean()
+
+    def loss(self, w: torch.Tensor) -> torch.Tensor:
+        return ((self.X @ w - self.y) ** 2).mean()
+
+    def grad(self, w: torch.Tensor, idx=None) -> torch.Tensor:
+        X, y = (self.X, self.y) if idx is None else (self.X[idx], self.y[idx])
+        return 2 / len(y) * X.T @ (X @ w - y)
+
+    def per_sample(self, w: torch.Tensor) -> torch.Tensor:
+        return (self.X @ w - self.y) ** 2
+
+    def make(self, cls, **kw):
+        return cls(self.model.parameters(), torch.optim.SGD, model=self.model, **kw)
