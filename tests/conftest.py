@@ -55,3 +55,29 @@ def cache_dir(tmp_path: Path) -> Path:
 # inherits this environment) binds all its listeners to 127.0.0.1 (shared/docs/stack.md).
 # Set at import time, before any Ray can start.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+@pytest.fixture(scope="module")
+def shared_db(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One sqlite MLflow store per test module (creating its schema takes seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture
+def store(shared_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The module's store as ``$MLFLOW_TRACKING_URI`` (what ``mlflow.search_runs`` and the
+    CLI's default read), ``tmp_path`` as the working directory; the process-wide tracking
+    URI is restored afterwards."""
+    from mlflow.tracking._tracking_service import utils
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(utils, "_tracking_uri", None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", shared_db)
+    return shared_db
+
+
+@pytest.fixture
+def experiment(request: pytest.FixtureRequest) -> str:
+    """An experiment of this test's own in the module's store."""
+    module = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")
+    return f"{module}-" + request.node.name.replace("[", "-").rstrip("]")

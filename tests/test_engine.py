@@ -75,31 +75,6 @@ def write_config(path: Path, **changes) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def shared_db(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """One sqlite MLflow store for the module (creating its schema takes seconds)."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-
-
-@pytest.fixture
-def store(shared_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The shared store as ``$MLFLOW_TRACKING_URI`` (what ``mlflow.search_runs`` and the
-    CLI's default read), ``tmp_path`` as the working directory; the process-wide tracking
-    URI is restored afterwards."""
-    from mlflow.tracking._tracking_service import utils
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(utils, "_tracking_uri", None)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", shared_db)
-    return shared_db
-
-
-@pytest.fixture
-def experiment(request: pytest.FixtureRequest) -> str:
-    """An experiment of this test's own in the shared store."""
-    return "engine-" + request.node.name.replace("[", "-").rstrip("]")
-
-
 def runs_of(experiment: str):
     import mlflow
 

@@ -24,28 +24,6 @@ from zosam.engine import CHECKPOINT_FILE, CheckpointError
 from zosam.runner import CONFIG_CHANGE_TAG, run
 from zosam.validate import ConfigError
 
-
-@pytest.fixture(scope="module")
-def shared_db(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-
-
-@pytest.fixture
-def store(shared_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """As in test_engine: the module's store as ``$MLFLOW_TRACKING_URI``, ``tmp_path`` as cwd."""
-    from mlflow.tracking._tracking_service import utils
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(utils, "_tracking_uri", None)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", shared_db)
-    return shared_db
-
-
-@pytest.fixture
-def experiment(request: pytest.FixtureRequest) -> str:
-    return "faults-" + request.node.name.replace("[", "-").rstrip("]")
-
-
 PER_EPOCH = ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_time_s")
 
 
