@@ -270,7 +270,9 @@ def trial_function(config: dict[str, Any]) -> None:
     trial_id = tune.get_context().get_trial_id()
     run_dict["name"] = f"{ctx['sweep']}-{trial_id}"
     run_dict.setdefault("tracking", {})["experiment"] = ctx["experiment"]  # children beside their parent
-    tags = {"zosam.sweep": ctx["sweep"], "zosam.trial_id": trial_id}
+    # Where the trial (last) ran: a restarted trial may land on another node.
+    tags = {"zosam.sweep": ctx["sweep"], "zosam.trial_id": trial_id,
+            "zosam.ray_node_id": ray.get_runtime_context().get_node_id()}
     if ctx["workers_per_trial"] == 0:
         run_in_session(run_dict, report=tune.report, get_checkpoint=tune.get_checkpoint,
                        checkpoint_cls=tune.Checkpoint, rank=0, tracking_uri=ctx["tracking_uri"],
