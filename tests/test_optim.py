@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import batch, mlp
+from tiny import batch, mlp, resumed_halfway
 from torch import nn
 
 from zosam.optim import OPTIMIZERS, SAM, ZOSAM, FirstOrder, make_closure
@@ -218,17 +217,7 @@ def test_resume_equals_uninterrupted(base) -> None:
         opt = ZOSAM(m.parameters(), base, model=m, q=2, seed=3, lr=0.05)
         return opt
 
-    full, full_opt = _train(factory, 6)
-    half, half_opt = _train(factory, 3)
-    buf = io.BytesIO()
-    torch.save({"model": half.state_dict(), "opt": half_opt.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    resumed = mlp(seed=99)
-    resumed.load_state_dict(ckpt["model"])
-    resumed_opt = factory(resumed)
-    resumed_opt.load_state_dict(ckpt["opt"])
-    _train(factory, 3, resumed, resumed_opt, start=3)
+    (full, full_opt), (resumed, resumed_opt), _ = resumed_halfway(factory, 6)
     for p, r in zip(full.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, r)
     assert resumed_opt.pass_counts == full_opt.pass_counts

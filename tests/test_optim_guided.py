@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import LeastSquares, batch, mlp
+from tiny import LeastSquares, batch, mlp, resumed_halfway
 from torch import nn
 
 from zosam.optim import ZOSAM, derive_seed, make_closure
@@ -146,17 +145,7 @@ def test_guided_resume_equals_uninterrupted(guide: str) -> None:
     def factory(m):
         return _zosam(m, directions="guided", guide=guide, alpha=0.2, q=2, seed=3, lr=0.05, momentum=0.9)
 
-    full, _ = _train(factory, 6)
-    half, half_opt = _train(factory, 3)
-    buf = io.BytesIO()
-    torch.save({"model": half.state_dict(), "opt": half_opt.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    resumed = mlp(seed=99)
-    resumed.load_state_dict(ckpt["model"])
-    resumed_opt = factory(resumed)
-    resumed_opt.load_state_dict(ckpt["opt"])
-    _train(factory, 3, resumed, resumed_opt, start=3)
+    (full, _), (resumed, _), ckpt = resumed_halfway(factory, 6)
     assert all(torch.equal(p, r) for p, r in zip(full.parameters(), resumed.parameters(), strict=True))
     if guide == "gradient":
         assert all(isinstance(g, torch.Tensor) for g in ckpt["opt"]["wrapper"]["last_gradient"])

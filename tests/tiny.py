@@ -25,6 +25,39 @@ def batch(seed: int, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
 
 
+def train_steps(opt_factory, steps: int, model: nn.Module | None = None, opt=None, start: int = 0):
+    """``steps`` optimizer steps of a fresh ``mlp()`` (or ``model``) on ``batch(100 + i)``."""
+    import torch.nn.functional as F
+
+    from zosam.optim import make_closure
+
+    model = model or mlp()
+    opt = opt or opt_factory(model)
+    for i in range(start, start + steps):
+        x, y = batch(100 + i)
+        opt.step(make_closure(model, F.cross_entropy, x, y))
+    return model, opt
+
+
+def resumed_halfway(opt_factory, steps: int):
+    """(uninterrupted (model, optimizer), resumed (model, optimizer), checkpoint): ``steps`` steps straight through, and
+    ``steps // 2`` steps saved through ``torch.save`` and resumed into a fresh model for the rest."""
+    import io
+
+    full, full_opt = train_steps(opt_factory, steps)
+    half, half_opt = train_steps(opt_factory, steps // 2)
+    buf = io.BytesIO()
+    torch.save({"model": half.state_dict(), "opt": half_opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    resumed = mlp(seed=99)
+    resumed.load_state_dict(ckpt["model"])
+    resumed_opt = opt_factory(resumed)
+    resumed_opt.load_state_dict(ckpt["opt"])
+    train_steps(opt_factory, steps - steps // 2, resumed, resumed_opt, start=steps // 2)
+    return (full, full_opt), (resumed, resumed_opt), ckpt
+
+
 class LeastSquares:
     """L(w) = mean_i (x_i . w - y_i)^2 in float64; the closure records the weights it sees."""
 
