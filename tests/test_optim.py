@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import batch, mlp, resumed_halfway
+from tiny import batch, mlp, resumed_halfway, train_steps
 from torch import nn
 
 from zosam.optim import OPTIMIZERS, SAM, ZOSAM, FirstOrder, make_closure
@@ -193,19 +193,10 @@ def test_zosam_restores_weights_bit_exactly() -> None:
         assert torch.equal(v, state[k]), k
 
 
-def _train(opt_factory, steps: int, model: nn.Module | None = None, opt=None, start: int = 0):
-    model = model or mlp()
-    opt = opt or opt_factory(model)
-    for i in range(start, start + steps):
-        x, y = batch(100 + i)
-        opt.step(make_closure(model, F.cross_entropy, x, y))
-    return model, opt
-
-
 def test_same_seed_same_trajectory_and_different_seed_differs() -> None:
-    a, _ = _train(lambda m: _zosam(m, seed=7, momentum=0.9), 5)
-    b, _ = _train(lambda m: _zosam(m, seed=7, momentum=0.9), 5)
-    c, _ = _train(lambda m: _zosam(m, seed=8, momentum=0.9), 5)
+    a, _ = train_steps(lambda m: _zosam(m, seed=7, momentum=0.9), 5)
+    b, _ = train_steps(lambda m: _zosam(m, seed=7, momentum=0.9), 5)
+    c, _ = train_steps(lambda m: _zosam(m, seed=8, momentum=0.9), 5)
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb)
     assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters(), strict=True))

@@ -131,15 +131,6 @@ def test_guided_directions_touch_active_weights_only() -> None:
     assert opt.last_gradient[0][~mask].abs().sum() > 0  # the kept gradient is dense; its use is masked
 
 
-def _train(opt_factory, steps: int, model: nn.Module | None = None, opt=None, start: int = 0):
-    model = model or mlp()
-    opt = opt or opt_factory(model)
-    for i in range(start, start + steps):
-        x, y = batch(100 + i)
-        opt.step(make_closure(model, F.cross_entropy, x, y))
-    return model, opt
-
-
 @pytest.mark.parametrize("guide", ["gradient", "momentum"])
 def test_guided_resume_equals_uninterrupted(guide: str) -> None:
     def factory(m):
