@@ -38,6 +38,7 @@ from zosam.validate import (
     choice,
     in_range,
     safe_name,
+    section,
     show,
 )
 
@@ -70,15 +71,6 @@ def _prefixed(prefix: str, fn, *args, **kwargs):
         raise ConfigError(f"{prefix}: {msg or type(e).__name__}") from None
 
 
-def _check_keys(section: str, d: dict[str, Any], allowed: set[str]) -> None:
-    unknown = sorted(set(d) - allowed, key=str)
-    if unknown:
-        where = f"{section}." if section else ""
-        key = unknown[0] if isinstance(unknown[0], str) else show(unknown[0])
-        raise ConfigError(f"unknown key {where}{show(key)[1:-1] if len(key) > 80 else key}; "
-                          f"allowed: {', '.join(sorted(allowed))}")
-
-
 @dataclass
 class ModelConfig:
     """``name`` from ``zosam.models.MODELS``; other keys are the constructor's kwargs."""
@@ -95,7 +87,7 @@ class ModelConfig:
         _prefixed("model", choice, "name", name, MODELS.names())
         params = inspect.signature(MODELS.get(name)).parameters
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            _check_keys("model", d, set(params) - {"num_classes"})
+            section("model", d, set(params) - {"num_classes"})
         # Values are checked by the constructor itself; on the meta device it allocates
         # nothing, so a bad width fails here, before any data is loaded.
         with torch.device("meta"):
@@ -130,7 +122,7 @@ class OptimizerConfig:
         _prefixed("optimizer", choice, "base", base, BASE_OPTIMIZERS.names())
         own = set(inspect.signature(OPTIMIZERS.get(name)).parameters) - _WRAPPER_ARGS
         base_args = set(inspect.signature(BASE_OPTIMIZERS.get(base)).parameters) - {"self", "params"}
-        _check_keys("optimizer", d, own | base_args | {"name", "base", "max_grad_norm"})
+        section("optimizer", d, own | base_args | {"name", "base", "max_grad_norm"})
         hyper = {"lr": 0.1, **({"momentum": 0.9} if base == "sgd" else {}), "weight_decay": 5e-4, **d}
         # The base optimizers' own checks raise torch's messages (or a TypeError for a
         # string); the common hyperparameters get the project's format here. lr = 0 would
@@ -287,7 +279,7 @@ class RunConfig:
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         d = copy.deepcopy(dict(d))
         top = {f.name for f in dataclasses.fields(cls)}
-        _check_keys("", d, top)
+        section("", d, top)
         for key, value in d.items():
             if key in _SECTIONS and value is not None and not isinstance(value, dict):
                 raise ConfigError(f"{key} must be a mapping, got {type(value).__name__}")
@@ -343,7 +335,7 @@ def _section(name: str, d: dict[str, Any] | None):
     """Build one section; plain dataclass sections reject keys that are not their fields."""
     cls, d = _SECTIONS[name], dict(d or {})
     if cls not in (ModelConfig, OptimizerConfig):  # these two check against constructor signatures
-        _check_keys(name, d, {f.name for f in dataclasses.fields(cls)})
+        section(name, d, {f.name for f in dataclasses.fields(cls)})
     return _prefixed(name, cls.from_dict, d)
 
 

@@ -57,6 +57,7 @@ from zosam.validate import (
     choice,
     in_range,
     safe_name,
+    section,
     show,
 )
 
@@ -90,18 +91,6 @@ class SweepSpec:
     @property
     def multi_objective(self) -> bool:
         return len(self.objectives) > 1
-
-
-def _keys(section: str, d: Any, allowed: set[str]) -> dict[str, Any]:
-    if d is None:
-        return {}
-    if not isinstance(d, dict):
-        raise ConfigError(f"{section} must be a mapping, got {type(d).__name__}")
-    unknown = sorted(set(d) - allowed, key=str)
-    if unknown:
-        raise ConfigError(f"unknown key {section + '.' if section else ''}{show(unknown[0]).strip(chr(39))}; "
-                         f"allowed: {', '.join(sorted(allowed))}")
-    return dict(d)
 
 
 def _any_keys(d: Any) -> set[Any]:
@@ -148,7 +137,7 @@ def load_spec(path_or_dict: str | Path | dict[str, Any], overrides: Sequence[str
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: a sweep spec must be a mapping")
     raw = apply_overrides(raw, list(overrides))
-    _keys("", raw, SPEC_KEYS)
+    section("", raw, SPEC_KEYS)
     name = raw.get("name")
     if name is None:
         raise ConfigError("name is required: a non-empty string naming the sweep")
@@ -162,10 +151,10 @@ def load_spec(path_or_dict: str | Path | dict[str, Any], overrides: Sequence[str
     if not isinstance(base, dict):
         raise ConfigError("base must be a run-config mapping or a path to one")
     base = apply_overrides(base, [f"{k}={json.dumps(v)}" for k, v in
-                                  _keys("overrides", raw.get("overrides"), _any_keys(raw.get("overrides"))).items()])
+                                  section("overrides", raw.get("overrides"), _any_keys(raw.get("overrides"))).items()])
     base.setdefault("name", name)
     RunConfig.from_dict(base)  # the base itself must be a valid run
-    space = _keys("space", raw.get("space"), _any_keys(raw.get("space")))
+    space = section("space", raw.get("space"), _any_keys(raw.get("space")))
     if not space:
         raise ConfigError("space is empty: give at least one dotted run-config field to search")
     for key, dist in space.items():
@@ -181,20 +170,20 @@ def load_spec(path_or_dict: str | Path | dict[str, Any], overrides: Sequence[str
     if not isinstance(objectives, list):
         raise ConfigError(f"objectives={show(objectives)} is invalid; must be a list of {{metric, mode}} mappings")
     for i, o in enumerate(objectives):
-        o = _keys(f"objectives[{i}]", o, {"metric", "mode"})
+        o = section(f"objectives[{i}]", o, {"metric", "mode"})
         choice(f"objectives[{i}].metric", o.get("metric"), OBJECTIVE_METRICS)
         choice(f"objectives[{i}].mode", o.get("mode"), ("max", "min"))
     search = {"sampler": "tpe", "seed": 0, "points_to_evaluate": [],
-              **_keys("search", raw.get("search"), SEARCH_KEYS)}
+              **section("search", raw.get("search"), SEARCH_KEYS)}
     choice("search.sampler", search["sampler"], ("tpe", "random", "nsga2"))
     in_range("search.seed", search["seed"], 0, SEED_MAX, integer=True)
     if not isinstance(search["points_to_evaluate"] or [], list):
         raise ConfigError(f"search.points_to_evaluate={show(search['points_to_evaluate'])} is invalid; "
                           "must be a list of mappings of space fields")
     for i, point in enumerate(search["points_to_evaluate"] or []):
-        _keys(f"search.points_to_evaluate[{i}]", point, set(space))
+        section(f"search.points_to_evaluate[{i}]", point, set(space))
     scheduler = {"type": "asha", "grace_period": 1, "reduction_factor": 2,
-                 **_keys("scheduler", raw.get("scheduler"), SCHEDULER_KEYS)}
+                 **section("scheduler", raw.get("scheduler"), SCHEDULER_KEYS)}
     choice("scheduler.type", scheduler["type"], ("asha", "none"))
     in_range("scheduler.grace_period", scheduler["grace_period"], 1, integer=True)
     in_range("scheduler.reduction_factor", scheduler["reduction_factor"], 1, low_open=True)
@@ -202,7 +191,7 @@ def load_spec(path_or_dict: str | Path | dict[str, Any], overrides: Sequence[str
         raise ConfigError("scheduler.type=asha needs one objective; use scheduler.type=none in "
                          "multi-objective mode (ASHA would stop trials on one objective only)")
     num_trials = in_range("num_trials", raw.get("num_trials", 8), 1, integer=True)
-    resources = {**RESOURCE_KEYS, **_keys("resources", raw.get("resources"), set(RESOURCE_KEYS))}
+    resources = {**RESOURCE_KEYS, **section("resources", raw.get("resources"), set(RESOURCE_KEYS))}
     for k in ("cpus_per_trial", "cpus_per_worker"):
         in_range(f"resources.{k}", resources[k], 0, low_open=True)
     for k in ("gpus_per_worker", "gpus_per_trial"):
@@ -210,11 +199,11 @@ def load_spec(path_or_dict: str | Path | dict[str, Any], overrides: Sequence[str
     in_range("resources.workers_per_trial", resources["workers_per_trial"], 0, integer=True)
     in_range("resources.max_concurrent_trials", resources["max_concurrent_trials"], 1, integer=True)
     in_range("resources.max_failures", resources["max_failures"], 0, integer=True)
-    ray_cfg = _keys("ray", raw.get("ray"), {"num_cpus", "num_gpus"})
+    ray_cfg = section("ray", raw.get("ray"), {"num_cpus", "num_gpus"})
     for k in ("num_cpus", "num_gpus"):
         if ray_cfg.get(k) is not None:
             in_range(f"ray.{k}", ray_cfg[k], 1 if k == "num_cpus" else 0, integer=True)
-    tracking = {"experiment": "zosam-sweeps", **_keys("tracking", raw.get("tracking"), {"experiment", "uri"})}
+    tracking = {"experiment": "zosam-sweeps", **section("tracking", raw.get("tracking"), {"experiment", "uri"})}
     check_experiment_name("tracking.experiment", tracking["experiment"])
     if tracking.get("uri") is not None:
         check_tracking_uri_format("tracking.uri", tracking["uri"])

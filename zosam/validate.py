@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 import reprlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 MAX_MESSAGE = 1000  # characters: a message is one readable line, whatever the input
@@ -46,6 +46,26 @@ def show(value: Any) -> str:
 
 def _num(x: float) -> str:
     return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+def section(name: str, d: Any, allowed: Iterable[str]) -> dict[str, Any]:
+    """Return mapping ``d`` (``None`` -> ``{}``) as a dict, or raise naming ``name`` and the allowed keys.
+
+    The one unknown-key check: every YAML section (run configs, sweep specs, data and
+    sparsity settings) goes through it, so the message reads the same everywhere:
+    ``unknown key <name>.<key>; allowed: a, b, c``.
+    """
+    if d is None:
+        return {}
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{name or 'the document'} must be a mapping, got {type(d).__name__}")
+    allowed = set(allowed)
+    unknown = sorted(set(d) - allowed, key=str)
+    if unknown:
+        key = unknown[0] if isinstance(unknown[0], str) else show(unknown[0])
+        key = show(key)[1:-1] if len(key) > 80 else key
+        raise ConfigError(f"unknown key {name + '.' if name else ''}{key}; allowed: {', '.join(sorted(allowed))}")
+    return dict(d)
 
 
 def choice(field: str, value: Any, allowed: Iterable[Any]) -> Any:
