@@ -1,8 +1,9 @@
 """``zosam compare`` on real runs: six tiny digits trainings in a temporary sqlite store.
 
 Experiment ``cmp-a``: SGD and ZO-SAM (RigL, 50 %), seeds 0 and 1 (four runs).
-Experiment ``cmp-b``: a sweep parent (``zosam.role=sweep``) with two ZO-SAM children that
-differ in rho, logged the way ``zosam.sweep`` logs them (parent run id + sweep tags).
+Experiment ``cmp-b``: a sweep parent (``zosam.role=sweep``) with three ZO-SAM children that
+differ in rho, logged the way ``zosam.sweep`` logs them (parent run id + sweep tags); the
+third is stopped after its first epoch the way Ray Tune stops a trial (``SystemExit(0)``).
 The expected numbers are computed independently with ``mlflow.search_runs``.
 """
 
@@ -12,7 +13,9 @@ import contextlib
 import csv
 import math
 import statistics
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -24,10 +27,18 @@ from zosam.compare import (
     RunRecord,
     Selection,
     compare,
+    display_columns,
     group_runs,
     key_columns,
     parse_tags,
+    table_rows,
     varying_params,
+)
+from zosam.compare.plots import (
+    accuracy_vs_cost_figure,
+    accuracy_vs_sparsity_figure,
+    learning_curves_figure,
+    parallel_coordinates_figure,
 )
 from zosam.config import RunConfig
 from zosam.pareto import pareto_front
@@ -67,6 +78,13 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
         out = run(_cfg(f"mysweep-t{i}", {**zosam, "rho": rho}, 0, uri, "cmp-b", ckpt), log=None,
                   parent_run_id=parent.run_id, extra_tags={"zosam.sweep": "mysweep", "zosam.trial_id": f"t{i}"})
         children.append(out.run_id)
+
+    def stop(trainer, res, path, logger) -> None:  # as Ray Tune stops a trial inside its report
+        sys.exit(0)
+
+    with pytest.raises(SystemExit):
+        run(_cfg("mysweep-t2", {**zosam, "rho": 0.2}, 0, uri, "cmp-b", ckpt), log=None, on_epoch=stop,
+            parent_run_id=parent.run_id, extra_tags={"zosam.sweep": "mysweep", "zosam.trial_id": "t2"})
     parent.end("finished")
     return {"uri": uri, "root": root, "parent": parent.run_id, "children": children}
 
@@ -198,13 +216,28 @@ def test_comparison_run_holds_the_artifacts(store: dict, exported: dict) -> None
 @pytest.mark.parametrize("sweep_by", ["name", "parent_id"])
 def test_sweep_selects_only_its_children(store: dict, sweep_by: str) -> None:
     sweep = "mysweep" if sweep_by == "name" else store["parent"]
-    result = compare(Selection(sweep=sweep), tracking_uri=store["uri"], log=False, echo=None)
+    lines: list[str] = []
+    result = compare(Selection(sweep=sweep), tracking_uri=store["uri"], log=False, echo=lines.append)
     ids = [r.run_id for g in result.groups for r in g.runs]
-    assert sorted(ids) == sorted(store["children"])
+    stopped = [r for g in result.groups for r in g.stopped_early]
+    assert len(stopped) == 1 and stopped[0].name == "mysweep-t2"
+    assert sorted(ids) == sorted([*store["children"], stopped[0].run_id])
     assert store["parent"] not in ids
-    # rho differs between the children: two groups of one run each, keyed by it.
-    assert [g.value("optimizer.rho") for g in result.groups] == ["0.05", "0.1"]
+    # rho differs between the children: three groups of one run each, keyed by it.
+    assert [g.value("optimizer.rho") for g in result.groups] == ["0.05", "0.1", "0.2"]
     assert all(math.isnan(g.std("final_test_acc")) for g in result.groups)
+    # The trial stopped early: not in the statistics, shown with its last accuracy and epoch.
+    g = result.groups[2]
+    assert g.completed == [] and math.isnan(g.mean("final_test_acc"))
+    assert stopped[0].last_epoch == 1 and stopped[0].tags["zosam.status"] == "stopped_early"
+    with tracking(store["uri"]) as mlflow:
+        history = mlflow.MlflowClient().get_metric_history(stopped[0].run_id, "test_acc")
+    assert [m.step for m in history] == [1]
+    printed = "\n".join(lines)
+    assert "3 runs (2 completed, 1 stopped early) in 3 groups" in printed
+    assert "stopped early: last acc % @ epoch" in printed
+    row = next(line for line in printed.splitlines() if line.startswith("zosam") and " 0.2 " in line)
+    assert row.endswith(f"{100 * history[0].value:.2f} @ 1") and "0 (of 1 runs)" in row
 
 
 def test_tag_and_filter_selections(store: dict) -> None:
@@ -262,6 +295,28 @@ def test_missing_sqlite_store_is_not_created(tmp_path: Path) -> None:
     assert not (tmp_path / "absent.db").exists()
 
 
+def _run_count(uri: str) -> int:
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(uri)
+    ids = [e.experiment_id for e in c.search_experiments()]
+    return len(c.search_runs(ids, max_results=1000))
+
+
+def test_looking_is_not_writing(store: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    uri = store["uri"]
+    before = _run_count(uri)
+    assert main(["compare", "--tracking-uri", uri, "--experiment", "cmp-a"]) == 0
+    assert _run_count(uri) == before
+    assert main(["compare", "--tracking-uri", uri, "--experiment", "cmp-a", "--out", str(tmp_path / "a")]) == 0
+    assert _run_count(uri) == before  # the exports are written, the store is not
+    assert (tmp_path / "a" / "comparison.csv").is_file()
+    assert "comparison run" not in capsys.readouterr().out
+    assert main(["compare", "--tracking-uri", uri, "--experiment", "cmp-a", "--log"]) == 0
+    assert _run_count(uri) == before + 1
+    assert "comparison run" in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------- pure parts
 
 def _record(i: int, seed: int, acc: float, **params: str) -> RunRecord:
@@ -296,3 +351,63 @@ def test_parse_tags() -> None:
     assert parse_tags(["host=rigl", "mlflow.user=a=b"]) == {"zosam.host": "rigl", "mlflow.user": "a=b"}
     with pytest.raises(ValueError, match="expected KEY=VALUE"):
         parse_tags(["=x"])
+
+
+
+def test_table_rounds_to_meaningful_digits() -> None:
+    runs = [_record(0, 0, 0.61234, **{"optimizer.rho": "0.08171890156969401", "optimizer.mu": "0.0012345678"}),
+            _record(1, 1, 0.65678, **{"optimizer.rho": "0.08171890156969401", "optimizer.mu": "0.0012345678"}),
+            _record(2, 0, 0.5, **{"optimizer.rho": "0.0817189", "optimizer.mu": "0.001"}),
+            _record(3, 0, 0.4, **{"optimizer.rho": "0.05", "optimizer.mu": "0.001"})]
+    groups = group_runs(runs)
+    header, rows = table_rows(groups, display_columns(groups, key_columns(runs)))
+    rho, mu, acc = (header.index(h) for h in ("rho", "mu", "final acc % (mean ± std)"))
+    # Three significant digits, more only where two different values would print alike.
+    assert sorted(r[rho] for r in rows) == ["0.05", "0.0817189", "0.081718902"]
+    assert sorted(r[mu] for r in rows) == ["0.001", "0.001", "0.00123"]
+    ok = next(r for r in rows if r[mu] == "0.00123")
+    accs = [0.61234, 0.65678]
+    assert ok[acc] == f"{100 * statistics.fmean(accs):.2f} ± {100 * statistics.stdev(accs):.2f}" == "63.46 ± 3.14"
+    assert next(r for r in rows if r[rho] == "0.05")[acc] == "40.00 ± n/a"
+
+
+def _many_groups(n: int = 24) -> tuple[list[Group], list[str], dict[str, list[tuple[int, float]]]]:
+    runs = []
+    for i in range(n):
+        params = {"optimizer.rho": str(0.01 + i / 997), "optimizer.mu": str(1e-3 * (1 + i / 7)),
+                  "sparse.update_interval_with_a_long_name": str(10 * i), "data.label_noise": str(i % 3 / 10)}
+        runs += [_record(2 * i, 0, 0.5 + i / 100, **params), _record(2 * i + 1, 1, 0.52 + i / 100, **params)]
+        for r in runs[-2:]:
+            r.metrics.update(train_time_s=1.0 + i / 3 + int(r.tags["zosam.seed"]), best_test_acc=0.6)
+    runs[-1].metrics.pop("final_test_acc")
+    runs[-1].tags["zosam.status"], runs[-1].last_epoch = "stopped_early", 2
+    runs[-1].metrics["test_acc"] = 0.3
+    histories = {r.run_id: [(e, 0.1 * e + i / 100) for e in range(1, 4 if r.completed else 3)]
+                 for i, r in enumerate(runs)}
+    columns = key_columns(runs)
+    return group_runs(runs, columns), columns, histories
+
+
+def test_plots_fit_their_labels_without_warnings(capfd: pytest.CaptureFixture) -> None:
+    groups, columns, histories = _many_groups()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        figs = [accuracy_vs_sparsity_figure(groups), accuracy_vs_cost_figure(groups, columns),
+                parallel_coordinates_figure(groups, columns), learning_curves_figure(groups, columns, histories)]
+        for fig in figs:
+            fig.canvas.draw()  # layout happens here
+            box = fig.bbox
+            texts = [t for lg in fig.legends for t in lg.get_texts()] + [a.title for a in fig.axes]
+            for t in texts:  # every legend entry and title inside the figure, not cut off at its edge
+                e = t.get_window_extent()
+                assert box.x0 - 1 <= e.x0 and e.x1 <= box.x1 + 1 and box.y0 - 1 <= e.y0 and e.y1 <= box.y1 + 1, \
+                    (t.get_text(), e, box)
+            for ax in fig.axes[:1]:  # the legend (below) does not overlap the plotting area
+                for lg in fig.legends:
+                    assert lg.get_window_extent().y1 <= ax.get_window_extent().y0 + 1
+    assert [str(w.message) for w in caught] == []
+    assert capfd.readouterr().err == ""
+    labels = [t.get_text() for t in figs[3].legends[0].get_texts()]
+    assert labels[-1] == "stopped early (x: last epoch)" and len(labels) == 21  # 20 groups + the key
+    assert all(len(line) <= 46 for label in labels for line in label.splitlines())
+    assert "update_interval_with_a_long_name=" in labels[0].replace("\n", "")

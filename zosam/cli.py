@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="select by tag (repeatable); KEY without a dot means zosam.KEY")
     c.add_argument("--tracking-uri", default=None)
     c.add_argument("--out", default=None, help="folder for CSV, Markdown and PNG exports")
-    c.add_argument("--no-log", action="store_true", help="do not log a comparison run to MLflow")
+    c.add_argument("--log", action="store_true",
+                   help="also log the exports as a comparison run to MLflow (default: write nothing there)")
+    c.add_argument("--no-log", dest="log", action="store_false", help="the default: log nothing to MLflow")
     c.add_argument("--cost", default="train_time_s", choices=("train_time_s", "wall_time_s", "passes_backward"),
                    help="training cost on the accuracy-vs-cost (Pareto) plot")
 
