@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from zosam.tables import format_rows
+
 
 def machine() -> dict[str, Any]:
     """What the figures were measured on."""
@@ -28,21 +30,8 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """A plain fixed-width table (floats with 4 significant digits)."""
-    if not rows:
-        return "(no rows)"
-    columns = list(columns or rows[0].keys())
-
-    def fmt(v: Any) -> str:
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join(lines)
+# The shared dict-rows formatter, under the name other layers first imported it by.
+format_table = format_rows
 
 
 def emit(name: str, rows: Sequence[dict[str, Any]], summary: dict[str, Any], *,
@@ -50,7 +39,7 @@ def emit(name: str, rows: Sequence[dict[str, Any]], summary: dict[str, Any], *,
          artifacts: Sequence[str | Path] = ()) -> dict[str, Any]:
     """Print the table and one JSON line; log them (and ``artifacts`` files) to MLflow when ``mlflow_uri`` is given."""
     record = {"benchmark": name, "machine": machine(), **summary, "rows": list(rows)}
-    print(format_table(rows, columns))
+    print(format_rows(rows, columns))
     print(json.dumps(record, default=str))
     if mlflow_uri:
         import mlflow

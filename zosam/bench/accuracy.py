@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from zosam.bench import emit
+from zosam.stats import mean_std
 
 RESULTS_FILE = "accuracy_results.json"
 EXPERIMENT = "zosam-accuracy"
@@ -183,12 +184,6 @@ def train_one(cfg_dict: dict[str, Any], out: Path, tracking_uri: str, *, fresh: 
 
 
 # -- aggregation (pure) ----------------------------------------------------------------------------
-def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
-    """Mean and the sample standard deviation (ddof = 1; ``None`` for a single value)."""
-    m = statistics.fmean(values)
-    return m, (statistics.stdev(values) if len(values) > 1 else None)
-
-
 def cell_key(r: dict[str, Any]) -> tuple[str, str, float]:
     return r["host"], r["optimizer"], float(r["density"])
 

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from zosam.bench import emit
-from zosam.bench.accuracy import RESULTS_FILE, group, mean_std
+from zosam.bench.accuracy import RESULTS_FILE, group
+from zosam.stats import mean_std
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from zosam.tables import text_table
+
 APPLY_TARGET = 0.03  # mask application, as a fraction of an SGD step
 RIGL_TARGET = 1.0  # one RigL update, in SGD steps
 
@@ -142,24 +144,22 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
 
 def format_table(res: dict[str, Any]) -> str:
     methods = list(res["results"][0]["update_s"]) if res["results"] else []
-    head = f"{'sparsity':>8} {'apply ms':>9} {'apply/SGD':>9}"
+    header = ["sparsity", "apply ms", "apply/SGD"]
     for m in methods:
-        head += f" {m + ' ms':>10} {m + '/SGD':>9}"
-    lines = [
+        header += [f"{m} ms", f"{m}/SGD"]
+    rows = []
+    for r in res["results"]:
+        row = [f"{1 - r['density']:.0%}", f"{r['apply_s'] * 1e3:.3f}", f"{r['apply_frac']:.2%}"]
+        for m in methods:
+            row += [f"{r['update_s'][m] * 1e3:.2f}", f"{r['update_frac'][m]:.3f}"]
+        rows.append(row)
+    return "\n".join([
         f"{res['model']} (width {res['width']}) on {res['device']}, {res['threads']} threads, "
         f"batch {res['batch_size']}: SGD step {res['sgd_step_s'] * 1e3:.1f} ms",
-        head,
-    ]
-    for r in res["results"]:
-        line = f"{1 - r['density']:>8.0%} {r['apply_s'] * 1e3:>9.3f} {r['apply_frac']:>9.2%}"
-        for m in methods:
-            line += f" {r['update_s'][m] * 1e3:>10.2f} {r['update_frac'][m]:>9.3f}"
-        lines.append(line)
-    lines.append(
+        text_table(header, rows, align=">" * len(header)),
         f"targets: apply < {APPLY_TARGET:.0%} of an SGD step, RigL update < {RIGL_TARGET:g} "
-        f"SGD step: {'met' if res['meets_targets'] else 'NOT met'}"
-    )
-    return "\n".join(lines)
+        f"SGD step: {'met' if res['meets_targets'] else 'NOT met'}",
+    ])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
