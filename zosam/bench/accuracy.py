@@ -332,6 +332,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return emit("accuracy", rows, summary, mlflow_uri=uri if tracking else None, columns=COLUMNS)
 
 
+def read_results(path: str | Path) -> dict[str, Any]:
+    """The results file this benchmark writes (``--out/accuracy_results.json``), for the
+    benchmarks that read it (convergence, robustness)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--results {str(path)!r} does not exist; run zosam bench accuracy first")
+    return json.loads(path.read_text())
+
+
 def _write_results(out: Path, args: argparse.Namespace, s: dict[str, Any], records: list[dict[str, Any]]) -> None:
     data = {"benchmark": "accuracy", "dataset": args.dataset, "settings": copy.deepcopy(s),
             "tracking_uri": args.tracking_uri or f"sqlite:///{out / 'mlflow.db'}",

@@ -16,7 +16,6 @@ which the seed-mean curve crosses the threshold.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from collections.abc import Sequence
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from zosam.bench import emit
-from zosam.bench.accuracy import RESULTS_FILE, group
+from zosam.bench.accuracy import RESULTS_FILE, group, read_results
 
 NOT_REACHED = "not reached"
 
@@ -93,9 +92,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from zosam.validate import in_range
 
     path = Path(args.results)
-    if not path.is_file():
-        raise FileNotFoundError(f"--results {str(path)!r} does not exist; run zosam bench accuracy first")
-    results = json.loads(path.read_text())
+    results = read_results(path)
     records = results["records"]
     if args.threshold is not None:
         threshold = in_range("--threshold", args.threshold, 0, 1, low_open=True)

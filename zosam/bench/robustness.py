@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from zosam.bench import emit
-from zosam.bench.accuracy import RESULTS_FILE, group
+from zosam.bench.accuracy import RESULTS_FILE, group, read_results
 from zosam.stats import mean_std
 
 
@@ -149,9 +149,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     in_range("--images", args.images, 1, integer=True)
     results_path = Path(args.results)
-    if not results_path.is_file():
-        raise FileNotFoundError(f"--results {str(results_path)!r} does not exist; run zosam bench accuracy first")
-    results = json.loads(results_path.read_text())
+    results = read_results(results_path)
     runs = [r for r in results["records"] if r["status"] == "finished" and r.get("checkpoint")]
     if not runs:
         raise ValueError(f"--results {str(results_path)!r} has no finished runs with checkpoints")
