@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from zosam.bench import emit
-from zosam.bench.accuracy import RESULTS_FILE, group, read_results
+from zosam.bench.accuracy import RESULTS_FILE, read_results
+from zosam.bench.accuracy_aggregate import group
 
 NOT_REACHED = "not reached"
 

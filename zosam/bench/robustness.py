@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from zosam.bench import emit
-from zosam.bench.accuracy import RESULTS_FILE, group, read_results
+from zosam.bench.accuracy import RESULTS_FILE, read_results
+from zosam.bench.accuracy_aggregate import group
 from zosam.stats import mean_std
 
 

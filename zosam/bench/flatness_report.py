@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from zosam.bench import emit
-from zosam.bench.flatness.aggregate import aggregate, best_rows, decide
-from zosam.bench.flatness.grid import SETTINGS
+from zosam.bench.flatness_aggregate import aggregate, best_rows, decide
+from zosam.bench.flatness_grid import SETTINGS
 from zosam.plotting import pyplot, save
 from zosam.tables import dict_rows, markdown_table, write_csv
 

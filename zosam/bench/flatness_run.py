@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from zosam.bench.flatness.measures import gradient_variance, sam_gap, top_hessian_eigenvalue
+from zosam.bench.flatness_measures import gradient_variance, sam_gap, top_hessian_eigenvalue
 
 
 def _clean_train_labels(data_cfg: dict[str, Any]) -> Tensor:

@@ -7,7 +7,7 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from zosam.bench.flatness.grid import BASELINE, GUIDED, REFERENCE, SETTINGS
+from zosam.bench.flatness_grid import BASELINE, GUIDED, REFERENCE, SETTINGS
 from zosam.stats import mean_or_none, seed_stats
 
 
