@@ -308,10 +308,16 @@ def test_looking_is_not_writing(store: dict, tmp_path: Path, capsys: pytest.Capt
     before = _run_count(uri)
     assert main(["compare", "--tracking-uri", uri, "--experiment", "cmp-a"]) == 0
     assert _run_count(uri) == before
-    assert main(["compare", "--tracking-uri", uri, "--experiment", "cmp-a", "--out", str(tmp_path / "a")]) == 0
+    with warnings.catch_warnings(record=True) as caught:  # pytest would otherwise keep them off stderr
+        warnings.simplefilter("always")
+        assert main(["compare", "--tracking-uri", uri, "--experiment", "cmp-a", "--out", str(tmp_path / "a")]) == 0
+    assert [str(w.message) for w in caught if "matplotlib" in w.filename or "zosam" in w.filename
+            or "layout" in str(w.message).lower()] == []
     assert _run_count(uri) == before  # the exports are written, the store is not
     assert (tmp_path / "a" / "comparison.csv").is_file()
-    assert "comparison run" not in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "comparison run" not in printed.out
+    assert printed.err == ""  # no matplotlib (or other) warning reaches the terminal
     assert main(["compare", "--tracking-uri", uri, "--experiment", "cmp-a", "--log"]) == 0
     assert _run_count(uri) == before + 1
     assert "comparison run" in capsys.readouterr().out
