@@ -21,13 +21,13 @@ from typing import Any
 import pytest
 import yaml
 
-from zosam.cluster_checks import (
+from zosam.storage import check_multi_node_settings
+from zosam_cluster import (
     KUBERAY_VERSION,
     ClusterConfigError,
     check_kuberay_security,
     check_launcher_security,
     check_mlflow_server_command,
-    check_multi_node_settings,
     validate_k8s_manifests,
     validate_ray_cluster_config,
 )
