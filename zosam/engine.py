@@ -100,7 +100,8 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def _dist() -> tuple[int, int]:
+def rank_and_world_size() -> tuple[int, int]:
+    """``(rank, world size)`` of this process: ``(0, 1)`` without ``torch.distributed``."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -134,7 +135,7 @@ class Trainer:
                  on_epoch: Callable[[EpochResult, Path | None], None] | None = None,
                  log: Callable[[str], None] | None = print) -> None:
         self.cfg = config
-        self.rank, self.world_size = _dist()
+        self.rank, self.world_size = rank_and_world_size()
         self.device = resolve_device(config.device)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.on_epoch = on_epoch
