@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from zosam.sparse.methods import DENSE, DST_RULES, all_methods
-from zosam.validate import choice, in_range, section
+from zosam.validate import ConfigError, choice, in_range, section
 
 DISTRIBUTIONS = ("uniform", "erk", "er")
 DROP_SCHEDULES = ("cosine", "constant", "linear")
@@ -101,7 +101,7 @@ class SparsityConfig:
 
 def _check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
-        raise ValueError(f"sparse.{name}={value!r} is invalid; must be true or false")
+        raise ConfigError(f"sparse.{name}={value!r} is invalid; must be true or false")
 
 
 def _validate(c: SparsityConfig) -> None:
