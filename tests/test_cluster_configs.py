@@ -21,13 +21,13 @@ from typing import Any
 import pytest
 import yaml
 
-from zosam.cluster_checks import (
+from zosam.storage import check_multi_node_settings
+from zosam_cluster import (
     KUBERAY_VERSION,
     ClusterConfigError,
     check_kuberay_security,
     check_launcher_security,
     check_mlflow_server_command,
-    check_multi_node_settings,
     validate_k8s_manifests,
     validate_ray_cluster_config,
 )
@@ -552,13 +552,36 @@ def test_readme_ray_job_submit_commands_are_well_formed() -> None:
 
 
 @pytest.mark.parametrize("argv", _zosam_commands(), ids=lambda a: " ".join(a))
-def test_readme_zosam_commands_parse(argv: list[str]) -> None:
-    from zosam.cli import build_parser
+def test_readme_zosam_commands_parse_to_what_they_mean(argv: list[str]) -> None:
+    """Each command parses, and into what it means: ``train`` takes any stray word as an
+    override (``nargs="*"``), so every override must be ``key.path=value`` of a run-config
+    field; a sweep joins the running cluster (``--address auto``) with a spec that exists; a
+    benchmark's own arguments parse with that benchmark's parser."""
+    import dataclasses
+    import importlib
+
+    from zosam.cli import BENCHMARKS, build_parser
+    from zosam.config import RunConfig
 
     try:
-        build_parser().parse_args(argv[1:])
+        args = build_parser().parse_args(argv[1:])
     except SystemExit as err:  # argparse reports errors by exiting
         pytest.fail(f"`{' '.join(argv)}` does not parse (exit {err.code})")
+    if args.command == "train":
+        assert args.config is not None and re.fullmatch(r"configs/[\w<>.-]+\.yaml", args.config), args.config
+        assert "<" in args.config or (ROOT / args.config).is_file(), args.config  # <run>: the reader's choice
+        fields = {f.name for f in dataclasses.fields(RunConfig)}
+        for item in args.overrides:
+            key, eq, value = item.partition("=")
+            assert eq and value and key.split(".")[0] in fields, f"{item!r} is not a key.path=value override"
+    elif args.command == "sweep":
+        assert args.spec.startswith("tune/") and (ROOT / args.spec).is_file(), args.spec
+        assert args.address == "auto", "a sweep on the cluster joins it: --address auto"
+        assert all("=" in item for item in args.overrides), args.overrides
+    elif args.command == "bench":
+        importlib.import_module(BENCHMARKS[args.name]).build_parser().parse_args(args.args)
+    else:
+        pytest.fail(f"`{' '.join(argv)}`: no check for zosam {args.command}; add one")
 
 
 def test_readme_spec_files_exist() -> None:

@@ -92,7 +92,7 @@ BAD = [
     (["epochs"], "override 'epochs' is invalid"),
     (["=3"], "override '=3' is invalid"),
     (["epochs.x=1"], "epochs={'x': 1} "),
-    # Found by trying it as a new user would (issue 13).
+    # Found by trying it as a new user would.
     (["optimizer.lr=0"], "optimizer.lr=0 is invalid; must be a number in (0, inf)"),
     (["seed=99999999999999999999"], "seed=99999999999999999999 is invalid; must be an integer in [0, 4294967295]"),
     (["name=../../escaped-run"], "name='../../escaped-run' is invalid; must be 1-128 characters"),
@@ -229,6 +229,22 @@ def test_optimizer_hyperparameters_reach_the_optimizer() -> None:
     assert opt.rho == 0.2
     assert opt.q == 2
     assert opt.param_groups[0]["lr"] == 0.05
+
+
+def test_base_is_the_base_optimizer_alone_and_sgd_a_deprecated_alias() -> None:
+    import torch
+
+    from zosam.optim import OPTIMIZERS, FirstOrder
+
+    assert "base" in OPTIMIZERS.names() and "sgd" not in OPTIMIZERS.names()  # messages show the new name
+    new = load_config(None, ["optimizer.name=base", "optimizer.base=adamw", "optimizer.lr=0.01"])
+    assert isinstance(new.optimizer.build(torch.nn.Linear(3, 2), model=None), FirstOrder)
+    with pytest.warns(FutureWarning, match=r"optimizer\.name='sgd' is deprecated; use 'base'"):
+        old = load_config(None, ["optimizer.name=sgd", "optimizer.base=adamw", "optimizer.lr=0.01"])
+    opt = old.optimizer.build(torch.nn.Linear(3, 2), model=None)
+    assert isinstance(opt, FirstOrder) and isinstance(opt.base_optimizer, torch.optim.AdamW)
+    assert old.optimizer.hyper == new.optimizer.hyper
+    assert RunConfig().optimizer.name == "base"
 
 
 @pytest.mark.parametrize(("argv", "start"), [

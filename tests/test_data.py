@@ -38,7 +38,7 @@ def test_registry_lists_all_datasets() -> None:
         ({"augment": "yes"}, "data.augment='yes' is invalid"),
         ({"num_workers": 1.5}, "data.num_workers=1.5 is invalid"),
         ({"imagenet_recipe": "simclr"}, "data.imagenet_recipe='simclr' is invalid"),
-        ({"bacth_size": 4}, "data.bacth_size is not a data field"),
+        ({"bacth_size": 4}, "unknown key data.bacth_size; allowed: "),
     ],
 )
 def test_config_errors_name_the_field(override: dict, message: str) -> None:

@@ -128,3 +128,46 @@ def test_generator_argument_errors(clean, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="severity=6 is invalid"):
         generate_cifar10c(clean.images, clean.labels, tmp_path, ["fog"], [6])
     assert set(BENCHMARK_CORRUPTIONS) <= set(CIFAR_CONSTANTS)
+
+
+def test_engine_and_benchmark_share_the_evaluator(generated: Path, cifar_jpeg_small: Path, tmp_path: Path) -> None:
+    """The engine's corrupt_acc.<c>.<s> and the robustness benchmark's blocks are one evaluator's
+    numbers: both equal a count by hand over the first ``corruption_subset`` images of each block."""
+    from zosam.bench.robustness import evaluate_run
+    from zosam.config import RunConfig
+    from zosam.engine import Trainer
+
+    cfg = RunConfig.from_dict({
+        "data": {"name": "cifar10-jpeg", "archive": str(cifar_jpeg_small), "cache_dir": str(tmp_path),
+                 "train_subset": 20, "test_subset": N, "batch_size": 4, "eval_batch_size": 4},
+        "model": {"name": "tiny_cnn", "width": 4}, "epochs": 1, "device": "cpu",
+        "eval": {"corruptions": str(generated), "corruption_subset": 4}, "tracking": {"enabled": False}})
+    trainer = Trainer(cfg, log=None)
+    engine = trainer.evaluate_corruptions()
+    cs = CorruptionSet.open(generated)
+    model = trainer.model.eval()
+    mean = torch.tensor(trainer.data.mean).view(1, 3, 1, 1)
+    std = torch.tensor(trainer.data.std).view(1, 3, 1, 1)
+    by_hand = {}
+    with torch.no_grad():
+        for c in cs.corruptions:
+            for s in cs.severities:
+                block = cs.load(c, s)
+                x = (block.images[:4].float() / 255 - mean) / std
+                by_hand[f"{c}.{s}"] = float((model(x).argmax(1) == block.labels[:4]).float().mean())
+    assert {k.removeprefix("corrupt_acc."): v for k, v in engine.items() if k.startswith("corrupt_acc.")} \
+        == pytest.approx(by_hand)
+    assert engine["corrupt_acc_mean"] == pytest.approx(sum(by_hand.values()) / len(by_hand))
+    assert engine["corrupt_set_generated"] == 1.0
+    # The benchmark evaluates whole blocks (N images each) with the same evaluator.
+    bench = evaluate_run(model, trainer.data.test, cs, mean=trainer.data.mean, std=trainer.data.std,
+                         batch_size=4, device=torch.device("cpu"))
+    assert set(bench) == {"clean", *by_hand}
+    full = {}
+    with torch.no_grad():
+        for key in by_hand:
+            c, s = key.rsplit(".", 1)
+            block = cs.load(c, int(s))
+            full[key] = float((model((block.images.float() / 255 - mean) / std).argmax(1) == block.labels)
+                              .float().mean())
+    assert {k: v for k, v in bench.items() if k != "clean"} == pytest.approx(full)

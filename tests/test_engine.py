@@ -117,7 +117,7 @@ def test_train_on_digits_logs_everything_to_mlflow(tmp_path: Path, store: str, e
         hist = client.get_metric_history(r.info.run_id, name)
         assert sorted(m.step for m in hist) == [1, 2, 3], name
     accs = [m.value for m in sorted(client.get_metric_history(r.info.run_id, "test_acc"), key=lambda m: m.step)]
-    assert all(0.0 <= a <= 1.0 for a in accs)
+    assert accs == pytest.approx([round(a * 100) / 100 for a in accs])  # counts over the 100 test images
     assert metrics["final_test_acc"] == accs[-1]
     assert metrics["best_test_acc"] == max(accs)
     lrs = [m.value for m in sorted(client.get_metric_history(r.info.run_id, "lr"), key=lambda m: m.step)]
@@ -257,7 +257,9 @@ def test_diagnostics_on_zosam_do_not_change_pass_counts(tmp_path: Path) -> None:
     (epoch,) = ckpt["history"]
     diag = epoch["diagnostics"]
     assert set(diag) == {"diag_cosine", "diag_sharpness_gap"}
-    assert -1.0 <= diag["diag_cosine"] <= 1.0
+    # A random direction with a measured sign: it ascends (positive), and is far from the
+    # gradient itself (about sqrt(q / d), d in the thousands).
+    assert 0.0 < diag["diag_cosine"] < 0.5
     assert math.isfinite(diag["diag_sharpness_gap"])
     for key in ("passes_forward", "passes_forward_no_grad", "passes_backward", "steps"):
         assert with_diag.summary[key] == without.summary[key], key
@@ -285,8 +287,10 @@ def test_amp_bf16_on_cpu_trains(tmp_path: Path) -> None:
     outcome = run(cfg, checkpoint_dir=tmp_path, log=None)
     assert outcome.status == "finished", outcome.reason
     assert outcome.summary["steps"] == 2 == outcome.summary["passes_backward"]
-    assert 0.0 <= outcome.summary["final_test_acc"] <= 1.0
-    state = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)["model"]
+    ckpt = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)
+    acc = outcome.summary["final_test_acc"]
+    assert acc == ckpt["history"][-1]["test_acc"] and acc * 100 == pytest.approx(round(acc * 100))  # of 100 images
+    state = ckpt["model"]
     assert all(t.dtype != torch.bfloat16 for t in state.values())  # autocast keeps fp32 weights
     assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
 

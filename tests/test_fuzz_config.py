@@ -59,12 +59,12 @@ scalars = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
     st.sampled_from(["../../x", "a/b", "", ".", "..", "nan", "1e400", "sqlite:////no/such/x.db", "http://:0",
-                     "zosam", "sgd", "rigl", "digits", "mlp", "x" * 300, "\x00", "é", "[", "{a: 1"]),
+                     "zosam", "base", "sgd", "rigl", "digits", "mlp", "x" * 300, "\x00", "é", "[", "{a: 1"]),
 )
 # Plausible values (many of them valid somewhere) and anything at all.
 plausible = st.one_of(st.integers(0, 4), st.floats(0.001, 1.0), st.sampled_from(
-    ["sgd", "adamw", "zosam", "sam", "rigl", "set", "dense", "erk", "uniform", "digits", "mlp", "tiny_cnn", "cpu",
-     "auto", "off", "bf16", "float64", "tpe", "random", "none", "max", "min", "test_acc", [1, 2], [0.01, 0.5]]))
+    ["base", "sgd", "adamw", "zosam", "sam", "rigl", "set", "dense", "erk", "uniform", "digits", "mlp", "tiny_cnn",
+     "cpu", "auto", "off", "bf16", "float64", "tpe", "random", "none", "max", "min", "test_acc", [1, 2], [0.01, 0.5]]))
 values = st.one_of(plausible, st.recursive(scalars, lambda inner: st.one_of(
     st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)), max_leaves=6))
 keys = st.one_of(st.sampled_from(FIELDS), st.sampled_from(FIELDS), st.text(min_size=0, max_size=10))

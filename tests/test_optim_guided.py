@@ -1,4 +1,4 @@
-"""Guided ZO-SAM directions, dropout-safe queries and float64 hand computations (issue 15)."""
+"""Guided ZO-SAM directions, dropout-safe queries and float64 hand computations."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Correctness of the efficient-SAM peers: ESAM, LookSAM, GSAM, RWP (issue 7), AsyncSAM and
-MSAM (issue 15)."""
+"""Correctness of the efficient-SAM peers: ESAM, LookSAM, GSAM, RWP, AsyncSAM and
+MSAM."""
 
 from __future__ import annotations
 

@@ -62,5 +62,19 @@ def test_density_message_is_exact() -> None:
 
 
 def test_unknown_key_is_named() -> None:
-    with pytest.raises(ValueError, match=r"sparse\.densty is not a sparsity setting"):
+    with pytest.raises(ValueError, match=r"unknown key sparse\.densty; allowed: "):
         SparsityConfig.from_dict({"densty": 0.1})
+
+
+def test_host_names_come_from_the_registries() -> None:
+    """One list of hosts: the pruners' and the DST rules' registries (no second copy)."""
+    from zosam.sparse import DST_RULES, DYNAMIC_METHODS, PRUNERS, STATIC_METHODS
+
+    assert STATIC_METHODS == ("grasp", "magnitude", "random", "snip", "synflow") == tuple(PRUNERS.names())
+    assert DYNAMIC_METHODS == ("dsr", "mest", "rigl", "set") == tuple(DST_RULES.names())
+    assert ("dense", *STATIC_METHODS, *DYNAMIC_METHODS) == METHODS
+    for method in METHODS:
+        cfg = SparsityConfig(method=method)
+        assert cfg.is_dynamic == (method in DST_RULES) and cfg.is_dense == (method == "dense")
+    with pytest.raises(ValueError, match=r"sparse\.method='lottery' is invalid; allowed: 'dense', 'grasp', "):
+        SparsityConfig(method="lottery")

@@ -32,7 +32,7 @@ def data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def make_optimizer(name: str, model: nn.Module) -> FirstOrder:
     kw = dict(model=model, lr=0.05, momentum=0.9)
-    if name == "sgd":
+    if name == "base":
         return FirstOrder(model.parameters(), torch.optim.SGD, **kw)
     if name == "sam":
         return SAM(model.parameters(), torch.optim.SGD, rho=0.05, **kw)
@@ -64,7 +64,7 @@ def test_thousand_updates_keep_counts_and_zeros(method: str) -> None:
     updates = 1000
     masking = Masking(model, sparse_config(method), total_steps=updates + 2, generator_seed=1)
     masking.init_masks()
-    opts = [make_optimizer(name, model) for name in ("sgd", "sam", "zosam")]
+    opts = [make_optimizer(name, model) for name in ("base", "sam", "zosam")]
     for opt in opts:
         masking.attach(opt)
     counts = {n: int(m.sum()) for n, m in masking.masks.items()}
@@ -94,7 +94,7 @@ def test_dsr_keeps_global_count_and_reallocates() -> None:
     model = mlp()
     masking = Masking(model, sparse_config("dsr"), total_steps=300, generator_seed=3)
     masking.init_masks()
-    opt = make_optimizer("sgd", model)
+    opt = make_optimizer("base", model)
     masking.attach(opt)
     start = {n: int(m.sum()) for n, m in masking.masks.items()}
     x, y = data(8, seed=4)

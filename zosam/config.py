@@ -14,6 +14,11 @@ Every section rejects unknown keys and every value is checked before any data is
 with errors that name the dotted field (``optimizer.rho=0 is invalid; ...``).
 Optimizer hyperparameters are the keyword arguments of the chosen optimizer class and of
 its base optimizer, so the peers' own hyperparameters need no extra config code.
+
+This module holds the typed sections; reading YAML and applying overrides is
+``zosam.yaml_io`` and building the optimizer ``zosam.optimizer_factory`` (both re-exported
+where callers import them from here: ``load_config``, ``apply_overrides``, ``parse_value``,
+``read_yaml_file``).
 """
 
 from __future__ import annotations
@@ -21,15 +26,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from zosam.data import DataConfig
+from zosam.optimizer_factory import build_optimizer, optimizer_hyper
 from zosam.sparse import SparsityConfig
 from zosam.validate import (
     ConfigError,
@@ -37,38 +41,33 @@ from zosam.validate import (
     check_tracking_uri_format,
     choice,
     in_range,
+    prefixed,
     safe_name,
     section,
     show,
 )
+from zosam.yaml_io import apply_overrides, parse_value, read_yaml_file, yaml_load
+
+__all__ = [
+    "SEED_MAX",
+    "CheckpointConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "RunConfig",
+    "ScheduleConfig",
+    "TrackingConfig",
+    "apply_overrides",
+    "load_config",
+    "parse_value",
+    "read_yaml_file",
+    "yaml_load",
+]
 
 _AMP = ("off", "bf16", "fp16")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _DEVICES = ("auto", "cpu", "cuda")
-_WRAPPER_ARGS = {"self", "params", "base_optimizer", "model", "max_grad_norm", "base_kwargs", "kwargs"}
 SEED_MAX = 2**32 - 1  # what every RNG the run seeds (torch, numpy, Optuna) accepts
-
-
-_FIELD_MESSAGE = re.compile(r"^[A-Za-z_][\w.]*=")  # the zosam.validate format: ``field=value is invalid``
-
-
-def _prefixed(prefix: str, fn, *args, **kwargs):
-    """Run a validator and put ``prefix.`` in front of the field its error names.
-
-    Messages in another format (torch's own checks, e.g. ``Invalid learning rate: -1``,
-    or a ``TypeError`` from a value of the wrong type) become ``prefix: message``. Every
-    one becomes a :class:`ConfigError`: ``fn`` only checks user values (constructors on
-    the meta device or on a dummy tensor), so whatever it rejects is bad input.
-    """
-    try:
-        return fn(*args, **kwargs)
-    except (ValueError, TypeError, RuntimeError, OverflowError, AttributeError, IndexError, KeyError) as e:
-        msg = str(e)
-        if msg.startswith((prefix + ".", prefix + ":", "unknown key")):
-            raise ConfigError(msg) from None
-        if _FIELD_MESSAGE.match(msg):
-            raise ConfigError(f"{prefix}.{msg}") from None
-        raise ConfigError(f"{prefix}: {msg or type(e).__name__}") from None
 
 
 @dataclass
@@ -84,14 +83,14 @@ class ModelConfig:
 
         d = dict(d)
         name = d.pop("name", cls.name)
-        _prefixed("model", choice, "name", name, MODELS.names())
+        prefixed("model", choice, "name", name, MODELS.names())
         params = inspect.signature(MODELS.get(name)).parameters
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             section("model", d, set(params) - {"num_classes"})
         # Values are checked by the constructor itself; on the meta device it allocates
         # nothing, so a bad width fails here, before any data is loaded.
         with torch.device("meta"):
-            _prefixed("model", MODELS.get(name), num_classes=10, **d)
+            prefixed("model", MODELS.get(name), num_classes=10, **d)
         return cls(name, d)
 
     def to_dict(self) -> dict[str, Any]:
@@ -106,50 +105,25 @@ class OptimizerConfig:
     ``mu``, ``q``, ...). They are validated by building the optimizer on a dummy tensor.
     """
 
-    name: str = "sgd"
+    name: str = "base"
     base: str = "sgd"
     max_grad_norm: float | None = None
     hyper: dict[str, Any] = field(default_factory=lambda: {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> OptimizerConfig:
-        from zosam.optim import BASE_OPTIMIZERS, OPTIMIZERS
-
         d = dict(d)
         name, base = d.pop("name", cls.name), d.pop("base", cls.base)
         max_grad_norm = d.pop("max_grad_norm", None)
-        _prefixed("optimizer", choice, "name", name, OPTIMIZERS.names())
-        _prefixed("optimizer", choice, "base", base, BASE_OPTIMIZERS.names())
-        own = set(inspect.signature(OPTIMIZERS.get(name)).parameters) - _WRAPPER_ARGS
-        base_args = set(inspect.signature(BASE_OPTIMIZERS.get(base)).parameters) - {"self", "params"}
-        section("optimizer", d, own | base_args | {"name", "base", "max_grad_norm"})
-        hyper = {"lr": 0.1, **({"momentum": 0.9} if base == "sgd" else {}), "weight_decay": 5e-4, **d}
-        # The base optimizers' own checks raise torch's messages (or a TypeError for a
-        # string); the common hyperparameters get the project's format here. lr = 0 would
-        # train nothing and divide by zero in the schedule.
-        in_range("optimizer.lr", hyper["lr"], 0, low_open=True)
-        in_range("optimizer.weight_decay", hyper["weight_decay"], 0)
-        if "momentum" in hyper:
-            in_range("optimizer.momentum", hyper["momentum"], 0, 1, high_open=True)
-        cfg = cls(name, base, max_grad_norm, hyper)
+        cfg = cls(name, base, max_grad_norm, optimizer_hyper(name, base, d))
         cfg.build(torch.nn.Linear(1, 1), model=None)  # validates every value, cheaply
         return cfg
 
     def build(self, params_from: torch.nn.Module, *, model: torch.nn.Module | None,
               default_seed: int | None = None):
-        """The optimizer over ``params_from``'s parameters; ``model`` freezes its BatchNorm.
-
-        Optimizers with a ``seed`` argument (ZO-SAM's directions, ...) get ``default_seed``
-        (the run's seed) unless the config sets their own.
-        """
-        from zosam.optim import BASE_OPTIMIZERS, OPTIMIZERS
-
-        cls = OPTIMIZERS.get(self.name)
-        hyper = dict(self.hyper)
-        if default_seed is not None and "seed" in inspect.signature(cls).parameters:
-            hyper.setdefault("seed", default_seed)
-        return _prefixed("optimizer", cls, params_from.parameters(), BASE_OPTIMIZERS.get(self.base),
-                         model=model, max_grad_norm=self.max_grad_norm, **hyper)
+        """The optimizer over ``params_from``'s parameters (:func:`zosam.optimizer_factory.build_optimizer`)."""
+        return build_optimizer(self.name, self.base, self.hyper, self.max_grad_norm, params_from, model=model,
+                               default_seed=default_seed)
 
     def to_dict(self) -> dict[str, Any]:
         out = {"name": self.name, "base": self.base, **self.hyper}
@@ -336,128 +310,7 @@ def _section(name: str, d: dict[str, Any] | None):
     cls, d = _SECTIONS[name], dict(d or {})
     if cls not in (ModelConfig, OptimizerConfig):  # these two check against constructor signatures
         section(name, d, {f.name for f in dataclasses.fields(cls)})
-    return _prefixed(name, cls.from_dict, d)
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML with exponent floats written without a dot (``1e-3``, ``5e-4``) read as numbers.
-
-    Plain YAML 1.1 reads them as strings, so ``optimizer.mu=1e-3`` would be rejected as
-    ``'1e-3'``; this resolver accepts what Python's ``float`` does for such literals.
-    A key written twice in one mapping is an error (plain YAML keeps the last silently).
-    """
-
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[Any, Any] = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    first = seen.setdefault(key, key_node.start_mark)
-                except TypeError:
-                    continue  # unhashable: the base class reports it
-                if first is not key_node.start_mark:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {show(key)} (first at line {first.line + 1})", key_node.start_mark)
-        return super().construct_mapping(node, deep=deep)
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-MAX_VALUES = 100_000  # values in one YAML document, aliases expanded: a config has a few hundred
-MAX_FILE_BYTES = 1 << 20
-
-
-def yaml_load(text: str, where: str = "YAML") -> Any:
-    """Parse YAML (safe: ``_Loader`` is a SafeLoader subclass); every problem is a ``ConfigError``
-    naming ``where`` and the line. Documents that expand to more than ``MAX_VALUES`` values
-    through aliases (an "alias bomb") are refused."""
-    try:
-        data = yaml.load(text, Loader=_Loader)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = " ".join(str(p) for p in (e.context, e.problem) if p)
-        raise ConfigError(f"{where}:{at}: invalid YAML: {problem}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: invalid YAML: {e}") from None
-    _check_size(data, where)
-    return data
-
-
-def _check_size(data: Any, where: str) -> None:
-    stack, count = [data], 0
-    while stack:
-        node = stack.pop()
-        count += 1
-        if count > MAX_VALUES:
-            raise ConfigError(f"{where}: expands to more than {MAX_VALUES} values (nested YAML aliases?); "
-                              "a config holds a few hundred")
-        if isinstance(node, dict):
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-
-
-def read_yaml_file(path: str | Path, what: str) -> Any:
-    """Read a YAML file that a user named (``what``: ``config file``, ``sweep spec``, ...).
-
-    Missing, a directory, too big, not UTF-8, not YAML, empty: each a one-line ``ConfigError``.
-    """
-    p = Path(path)
-    if p.is_dir():
-        raise ConfigError(f"{what} {str(p)!r} is a directory; give a YAML file")
-    if not p.is_file():
-        raise ConfigError(f"{what} {str(p)!r} does not exist")
-    try:
-        size = p.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise ConfigError(f"{what} {str(p)!r} is {size} bytes; a YAML config is far below {MAX_FILE_BYTES}")
-        raw = p.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"{what} {str(p)!r} cannot be read: {e.strerror or e}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{what} {str(p)!r} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") \
-            from None
-    data = yaml_load(text, str(p))
-    if data is None:
-        raise ConfigError(f"{what} {str(p)!r} is empty (no YAML mapping in it)")
-    return data
-
-
-def parse_value(text: str) -> Any:
-    """Command-line override values are YAML scalars: ``0.05``, ``1e-3``, ``true``, ``null``, ``[1, 2]``."""
-    return yaml_load(text, f"value {show(text)}")
-
-
-def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides to a nested dict (missing sections are created)."""
-    d = copy.deepcopy(d)
-    for item in overrides:
-        if not isinstance(item, str):
-            raise ConfigError(f"override {show(item)} is invalid; expected key.path=value")
-        key, eq, value = item.partition("=")
-        if not eq or not key or "" in key.split("."):
-            raise ConfigError(f"override {show(item)} is invalid; expected key.path=value")
-        node = d
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {show(item)}: {p} is not a section")
-        try:
-            node[leaf] = parse_value(value)
-        except ConfigError as e:
-            raise ConfigError(f"override {show(item)}: {e}") from None
-    return d
+    return prefixed(name, cls.from_dict, d)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -100,7 +100,8 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def _dist() -> tuple[int, int]:
+def rank_and_world_size() -> tuple[int, int]:
+    """``(rank, world size)`` of this process: ``(0, 1)`` without ``torch.distributed``."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -134,7 +135,7 @@ class Trainer:
                  on_epoch: Callable[[EpochResult, Path | None], None] | None = None,
                  log: Callable[[str], None] | None = print) -> None:
         self.cfg = config
-        self.rank, self.world_size = _dist()
+        self.rank, self.world_size = rank_and_world_size()
         self.device = resolve_device(config.device)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.on_epoch = on_epoch
@@ -413,21 +414,15 @@ class Trainer:
 
     def evaluate_corruptions(self) -> dict[str, float]:
         """Accuracy per corruption and severity on ``eval.corruptions``, and their mean."""
-        from zosam.data import BatchLoader, CorruptionSet
+        from zosam.data import CorruptionSet, corruption_accuracy
 
         cs = CorruptionSet.open(self.cfg.eval.corruptions)
-        out: dict[str, float] = {}
-        for c in cs.corruptions:
-            for s in cs.severities:
-                split = cs.load(c, s)
-                images, labels = split.images, split.labels
-                n = self.cfg.eval.corruption_subset
-                if n:
-                    images, labels = images[:n], labels[:n]
-                loader = BatchLoader(images, labels, self.cfg.data.eval_batch_size, train=False, augment=False,
-                                     mean=self.data.mean, std=self.data.std, seed=0, rank=self.rank,
-                                     world_size=self.world_size, device=self.device, dtype=self.cfg.torch_dtype)
-                out[f"corrupt_acc.{c}.{s}"] = self.evaluate(loader)[1]
+        blocks = corruption_accuracy(cs, lambda loader: self.evaluate(loader)[1],
+                                     batch_size=self.cfg.data.eval_batch_size, mean=self.data.mean,
+                                     std=self.data.std, device=self.device, dtype=self.cfg.torch_dtype,
+                                     subset=self.cfg.eval.corruption_subset, rank=self.rank,
+                                     world_size=self.world_size)
+        out = {f"corrupt_acc.{k}": v for k, v in blocks.items()}
         out["corrupt_acc_mean"] = sum(out.values()) / len(out)
         out["corrupt_set_generated"] = float(cs.generated)
         return out

@@ -10,6 +10,7 @@ sweep) the run continues from the last reported checkpoint, in the same MLflow r
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -141,7 +142,7 @@ def run_in_session(run_dict: dict[str, Any], *, report: Callable[..., None], get
         (Path(pid_dir) / f"rank{rank}.pid").write_text(str(os.getpid()))
     restored = get_checkpoint()
     with tempfile.TemporaryDirectory(prefix="zosam-ckpt-") as local, \
-            (restored.as_directory() if restored else _null()) as restored_dir:
+            (restored.as_directory() if restored else contextlib.nullcontext()) as restored_dir:
         resume_from = Path(restored_dir) / CHECKPOINT_FILE if restored_dir else None
 
         final: dict[str, Any] = {}
@@ -177,14 +178,6 @@ def cumulative_cost(t) -> dict[str, Any]:
     return {"train_time_s": t.train_time_s, "images_per_s": t.images_seen / max(t.train_time_s, 1e-9),
             "passes_backward": counts["backward"], "passes_forward_no_grad": counts["forward_no_grad"],
             "steps": t.global_step}
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

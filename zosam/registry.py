@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -18,6 +19,7 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._deprecated: dict[str, str] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator that registers ``obj`` under ``name`` (names are unique)."""
@@ -30,7 +32,31 @@ class Registry(Generic[T]):
 
         return deco
 
+    def deprecate(self, old: str, new: str) -> None:
+        """Keep accepting ``old`` as a spelling of the registered ``new``, with a warning.
+
+        ``old`` is not listed by :meth:`names` (so error messages and help show ``new``).
+        """
+        if new not in self._items or old in self._items:
+            raise KeyError(f"cannot alias {self.kind} {old!r} to {new!r}")
+        self._deprecated[old] = new
+
+    def canonical(self, name: str) -> str:
+        """``name``, or the registered name a deprecated alias stands for (no warning)."""
+        return self._deprecated.get(name, name) if isinstance(name, str) else name
+
+    def resolve(self, name: str, field: str | None = None) -> str:
+        """:meth:`canonical`, with a ``FutureWarning`` naming ``field`` (default: the
+        registry's kind) when ``name`` is a deprecated alias."""
+        new = self.canonical(name)
+        if new == name:
+            return name
+        warnings.warn(f"{field or self.kind}={name!r} is deprecated; use {new!r} (the same {self.kind})",
+                      FutureWarning, stacklevel=3)
+        return new
+
     def get(self, name: str) -> T:
+        name = self.resolve(name)
         if name not in self._items:
             raise ValueError(
                 f"unknown {self.kind} {name!r}; allowed: {', '.join(sorted(self._items))}"
@@ -41,7 +67,7 @@ class Registry(Generic[T]):
         return sorted(self._items)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        return name in self._items or name in self._deprecated
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())

@@ -15,7 +15,15 @@ from typing import Any
 import yaml
 
 from zosam.config import RunConfig
-from zosam.engine import CHECKPOINT_FILE, Diverged, EpochResult, Trainer, _dist, read_checkpoint, resolve_device
+from zosam.engine import (
+    CHECKPOINT_FILE,
+    Diverged,
+    EpochResult,
+    Trainer,
+    rank_and_world_size,
+    read_checkpoint,
+    resolve_device,
+)
 from zosam.tracking import (
     RunLogger,
     TrackingError,
@@ -142,7 +150,7 @@ def run(
             unreadable checkpoint, a changed config on resume).
     """
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else checkpoint_dir_for(cfg)
-    rank = _dist()[0]
+    rank = rank_and_world_size()[0]
     uri = preflight(cfg, checkpoint_dir=ckpt_dir, tracking_uri=tracking_uri, rank=rank)
     existing = Path(resume_from) if resume_from else (ckpt_dir / CHECKPOINT_FILE if resume else None)
     ckpt = None

@@ -5,7 +5,9 @@
 loopback) is named by its endpoint: the sweep spec's ``storage_endpoint``, the CLI's
 ``--storage-endpoint``, else the AWS SDK's own variables ``AWS_ENDPOINT_URL_S3`` /
 ``AWS_ENDPOINT_URL`` (so one setting serves boto3, MLflow and Ray). Credentials come
-from the usual AWS variables or files, never from the spec.
+from the usual AWS variables or files, never from the spec. On a cluster of several nodes
+both the tracking store and ``storage_path`` must be reachable from every node
+(:func:`check_multi_node_settings`).
 """
 
 from __future__ import annotations
@@ -71,3 +73,36 @@ def filesystem(storage_path: str, endpoint: str | None):
 def ray_path(storage_path: str, endpoint: str | None) -> str:
     """The path Ray gets alongside :func:`filesystem`: without the scheme when a filesystem is given."""
     return storage_path.removeprefix("s3://") if endpoint else storage_path
+
+
+#: URI schemes of object stores every node of a cluster can reach.
+SHARED_STORAGE_SCHEMES = ("s3://", "gs://", "gcs://", "abfss://", "hdfs://")
+
+
+def check_multi_node_settings(tracking_uri: str, storage_path: str, num_nodes: int) -> None:
+    """Reject settings that only work on one machine, for a cluster of ``num_nodes`` nodes.
+
+    On a multi-node cluster each Tune trial logs to MLflow from whichever node runs it, and
+    a restored trial may resume on another node, so the tracking store must be a server
+    (``http(s)://``; a ``sqlite:`` file or local path would exist on one node only) and
+    Ray's ``storage_path`` must be shared object storage (or a path the caller knows to be
+    a shared file system, given as ``file://`` or an absolute path under ``/mnt/``).
+
+    Raises:
+        ConfigError: naming the setting, the bad value and what a cluster needs.
+    """
+    if num_nodes <= 1:
+        return
+    if not tracking_uri.startswith(("http://", "https://", "databricks")):
+        raise ConfigError(
+            f"MLFLOW_TRACKING_URI={tracking_uri!r} is invalid on a {num_nodes}-node cluster: "
+            "trials on other nodes cannot reach a local store; use a tracking server "
+            "(http://host:5000, see cluster/README.md)"
+        )
+    shared_fs = storage_path.startswith("/mnt/") or storage_path.startswith("file:///mnt/")
+    if not (storage_path.startswith(SHARED_STORAGE_SCHEMES) or shared_fs):
+        raise ConfigError(
+            f"ZOSAM_STORAGE_PATH={storage_path!r} is invalid on a {num_nodes}-node cluster: "
+            f"checkpoints must be on shared storage; allowed: "
+            f"{', '.join(SHARED_STORAGE_SCHEMES)} or a shared file system under /mnt/"
+        )

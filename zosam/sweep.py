@@ -417,8 +417,8 @@ def run_sweep(spec_path: str | Path | dict[str, Any], *, address: str | None = N
     import ray
     from ray import tune
 
-    from zosam.cluster_checks import check_multi_node_settings
     from zosam.ray_train import connect_or_start, stop_local_ray
+    from zosam.storage import check_multi_node_settings
 
     started = connect_or_start(address, num_cpus=num_cpus if num_cpus is not None else spec.ray.get("num_cpus"))
     try:

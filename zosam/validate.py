@@ -126,6 +126,28 @@ def safe_name(field: str, value: Any) -> str:
     return value
 
 
+_FIELD_MESSAGE = re.compile(r"^[A-Za-z_][\w.]*=")  # the zosam.validate format: ``field=value is invalid``
+
+
+def prefixed(prefix: str, fn, *args, **kwargs):
+    """Run a validator and put ``prefix.`` in front of the field its error names.
+
+    Messages in another format (torch's own checks, e.g. ``Invalid learning rate: -1``,
+    or a ``TypeError`` from a value of the wrong type) become ``prefix: message``. Every
+    one becomes a :class:`ConfigError`: ``fn`` only checks user values (constructors on
+    the meta device or on a dummy tensor), so whatever it rejects is bad input.
+    """
+    try:
+        return fn(*args, **kwargs)
+    except (ValueError, TypeError, RuntimeError, OverflowError, AttributeError, IndexError, KeyError) as e:
+        msg = str(e)
+        if msg.startswith((prefix + ".", prefix + ":", "unknown key")):
+            raise ConfigError(msg) from None
+        if _FIELD_MESSAGE.match(msg):
+            raise ConfigError(f"{prefix}.{msg}") from None
+        raise ConfigError(f"{prefix}: {msg or type(e).__name__}") from None
+
+
 TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "file")
 
 

@@ -88,28 +88,27 @@ def load_model(checkpoint: str | Path, num_classes: int, device: torch.device) -
 
 
 @torch.no_grad()
-def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, mean, std,
-             batch_size: int, device: torch.device) -> float:
-    """Top-1 accuracy (fraction) of ``model`` on uint8 images, normalised as in training."""
-    from zosam.data import BatchLoader
-
-    loader = BatchLoader(images, labels, batch_size, train=False, augment=False, mean=mean, std=std,
-                         device=device)
-    correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in loader)
-    return correct / len(labels)
+def loader_accuracy(model: torch.nn.Module, loader) -> float:
+    """Top-1 accuracy (fraction) of ``model`` over a loader of normalised batches."""
+    correct = total = 0
+    for x, y in loader:
+        correct += int((model(x).argmax(1) == y).sum())
+        total += len(y)
+    return correct / total
 
 
 def evaluate_run(model: torch.nn.Module, clean, cset, *, mean, std, batch_size: int,
                  device: torch.device) -> dict[str, float]:
     """Clean accuracy on the subset and accuracy per ``corruption.severity`` (fractions)."""
-    out = {"clean": accuracy(model, clean.images, clean.labels, mean=mean, std=std, batch_size=batch_size,
-                             device=device)}
-    for c in cset.corruptions:
-        for s in cset.severities:
-            split = cset.load(c, s)
-            out[f"{c}.{s}"] = accuracy(model, split.images, split.labels, mean=mean, std=std,
-                                       batch_size=batch_size, device=device)
-    return out
+    from zosam.data import BatchLoader, corruption_accuracy
+
+    def acc(loader) -> float:
+        return loader_accuracy(model, loader)
+
+    clean_loader = BatchLoader(clean.images, clean.labels, batch_size, train=False, augment=False, mean=mean,
+                               std=std, device=device)
+    return {"clean": acc(clean_loader),
+            **corruption_accuracy(cset, acc, batch_size=batch_size, mean=mean, std=std, device=device)}
 
 
 def corrupted_mean(per_block: dict[str, float]) -> float:

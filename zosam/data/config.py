@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zosam.validate import choice, in_range
+from zosam.data.registry import DATASETS
+from zosam.validate import ConfigError, choice, in_range, section
 
 # zosam/data/config.py -> parents[2] is the repository root; the shared folder sits beside it.
 _REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -79,17 +80,16 @@ class DataConfig:
 
     def validate(self) -> DataConfig:
         """Check every field; errors name the field (``data.<field>``)."""
-        from zosam.data.registry import DATASETS  # the registry is filled on package import
-
+        # DATASETS is filled when the package is imported (zosam/data/__init__.py).
         choice("data.name", self.name, DATASETS.names())
         for f in ("data_dir",):
             v = getattr(self, f)
             if v is not None and not isinstance(v, str | os.PathLike):
-                raise ValueError(f"data.{f}={v!r} is invalid; must be a path or null")
+                raise ConfigError(f"data.{f}={v!r} is invalid; must be a path or null")
         for f in ("archive", "cache_dir"):
             v = getattr(self, f)
             if not isinstance(v, str | os.PathLike):
-                raise ValueError(f"data.{f}={v!r} is invalid; must be a path")
+                raise ConfigError(f"data.{f}={v!r} is invalid; must be a path")
         for f in ("train_subset", "test_subset", "image_size"):
             v = getattr(self, f)
             if v is not None:
@@ -98,7 +98,7 @@ class DataConfig:
         in_range("data.label_noise", self.label_noise, 0, 1, high_open=True)
         in_range("data.label_noise_seed", self.label_noise_seed, 0, integer=True)
         if not isinstance(self.augment, bool):
-            raise ValueError(f"data.augment={self.augment!r} is invalid; must be true or false")
+            raise ConfigError(f"data.augment={self.augment!r} is invalid; must be true or false")
         in_range("data.batch_size", self.batch_size, 1, integer=True)
         in_range("data.eval_batch_size", self.eval_batch_size, 1, integer=True)
         in_range("data.num_workers", self.num_workers, 0, integer=True)
@@ -108,13 +108,7 @@ class DataConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> DataConfig:
         """Build from a mapping (a YAML section); unknown keys are an error naming them."""
-        d = dict(d or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(
-                f"data.{unknown[0]} is not a data field; allowed: {', '.join(sorted(known))}"
-            )
+        d = section("data", d, (f.name for f in dataclasses.fields(cls)))
         for key in ("data_dir", "archive", "cache_dir"):
             if d.get(key) is not None:
                 d[key] = str(Path(os.path.expandvars(str(d[key]))).expanduser())

@@ -1,11 +1,10 @@
-"""CIFAR-10-C: read the official ``.npy`` files, or generate a CIFAR-10-C-style set.
+"""Generate a CIFAR-10-C-style set offline (``generate_cifar10c``); ``zosam.data.cifar10c`` reads it.
 
-Layout (official, Hendrycks & Dietterich 2019, and what ``generate_cifar10c`` writes):
-``<corruption>.npy`` uint8 (S*N, 32, 32, 3), severities stacked in blocks of N test
-images (official: S = 5, severities 1..5, N = 10,000), and ``labels.npy`` (S*N,). A
-generated set also has ``metadata.json`` with ``"generated": true``, the package and
-constants used, the severities and the seed; load functions report such sets as
-"CIFAR-10-C-style (generated)", never as CIFAR-10-C.
+Needs the ``robustness`` extra (imagecorruptions-imaug, OpenCV, scikit-image, SciPy),
+imported only when a set is generated. The layout written is the official one (see
+``zosam.data.cifar10c``) plus ``metadata.json`` with ``"generated": true``, the package and
+constants used, the severities and the seed, so readers label it "CIFAR-10-C-style
+(generated)", never CIFAR-10-C.
 
 Severity constants. imagecorruptions-imaug implements ImageNet-C, whose constants are
 harsher than those of CIFAR-10-C (``make_cifar_c.py`` in hendrycks/robustness uses milder
@@ -30,26 +29,13 @@ import importlib.metadata
 import json
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from zosam.data.registry import TensorSplit
+from zosam.data.cifar10c import ALL_CORRUPTIONS, BENCHMARK_CORRUPTIONS, GENERATED_LABEL, SEVERITIES
 from zosam.validate import choice, in_range
-
-BENCHMARK_CORRUPTIONS = (
-    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur",
-    "motion_blur", "zoom_blur", "snow", "frost", "fog", "brightness", "contrast",
-    "elastic_transform", "pixelate", "jpeg_compression",
-)
-EXTRA_CORRUPTIONS = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
-ALL_CORRUPTIONS = BENCHMARK_CORRUPTIONS + EXTRA_CORRUPTIONS
-SEVERITIES = (1, 2, 3, 4, 5)
-GENERATED_LABEL = "CIFAR-10-C-style (generated)"
-OFFICIAL_LABEL = "CIFAR-10-C"
-OFFICIAL_MD5 = "56bf5dcef84df0e2308c6dcbcbbd8499"  # CIFAR-10-C.tar, Zenodo record 2535967
 
 # CIFAR-10-C's severity constants (make_cifar_c.py), one entry per severity 1..5.
 CIFAR_CONSTANTS: dict[str, list] = {
@@ -356,50 +342,3 @@ def generate_cifar10c(
     }
     (out / "metadata.json").write_text(json.dumps(meta, indent=2))
     return out
-
-
-@dataclass
-class CorruptionSet:
-    """A CIFAR-10-C directory: official (no metadata) or generated (``metadata.json``)."""
-
-    root: Path
-    generated: bool
-    corruptions: list[str]
-    severities: list[int]
-    meta: dict
-
-    @property
-    def label(self) -> str:
-        return GENERATED_LABEL if self.generated else OFFICIAL_LABEL
-
-    @classmethod
-    def open(cls, root: str | os.PathLike) -> CorruptionSet:
-        root = Path(root)
-        if not (root / "labels.npy").is_file():
-            raise FileNotFoundError(
-                f"no CIFAR-10-C set at {str(root)!r} (labels.npy missing). Get CIFAR-10-C.tar "
-                f"from Zenodo record 2535967 (md5 {OFFICIAL_MD5}) or generate one with "
-                f"zosam.data.generate_cifar10c."
-            )
-        meta_file = root / "metadata.json"
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-        present = [c for c in ALL_CORRUPTIONS if (root / f"{c}.npy").is_file()]
-        return cls(root, bool(meta.get("generated", False)), present,
-                   list(meta.get("severities", SEVERITIES)), meta)
-
-    def load(self, corruption: str, severity: int) -> TensorSplit:
-        """The block of one corruption and severity, as uint8 NCHW + int64 labels."""
-        choice("corruption", corruption, self.corruptions)
-        choice("severity", severity, self.severities)
-        arr = np.load(self.root / f"{corruption}.npy", mmap_mode="r")
-        labels = np.load(self.root / "labels.npy")
-        n = arr.shape[0] // len(self.severities)
-        k = self.severities.index(severity)
-        block = np.ascontiguousarray(arr[k * n:(k + 1) * n].transpose(0, 3, 1, 2))
-        return TensorSplit(torch.from_numpy(block),
-                           torch.from_numpy(labels[k * n:(k + 1) * n].astype(np.int64)))
-
-
-def load_cifar10c(root: str | os.PathLike, corruption: str, severity: int) -> TensorSplit:
-    """One corruption at one severity from an official or generated CIFAR-10-C directory."""
-    return CorruptionSet.open(root).load(corruption, severity)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from zosam.models import MODELS
+from zosam.models.registry import MODELS
 from zosam.validate import choice
 
 

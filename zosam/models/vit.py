@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from zosam.models import MODELS
+from zosam.models.registry import MODELS
 from zosam.validate import in_range
 
 _TIMM_NAMES = {"deit_tiny": "deit_tiny_patch16_224", "deit_small": "deit_small_patch16_224"}

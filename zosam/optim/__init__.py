@@ -18,7 +18,8 @@ from zosam.optim.zosam import ZOSAM, derive_seed
 from zosam.registry import Registry
 
 OPTIMIZERS: Registry = Registry("optimizer")
-OPTIMIZERS.register("sgd")(FirstOrder)
+OPTIMIZERS.register("base")(FirstOrder)  # the base optimizer alone, whichever it is
+OPTIMIZERS.deprecate("sgd", "base")
 OPTIMIZERS.register("sam")(SAM)
 OPTIMIZERS.register("zosam")(ZOSAM)
 OPTIMIZERS.register("esam")(ESAM)

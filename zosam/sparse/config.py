@@ -11,12 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from zosam.validate import choice, in_range
+from zosam.sparse.methods import DENSE, DST_RULES, all_methods
+from zosam.validate import ConfigError, choice, in_range, section
 
-#: Every sparse-training host. ``dense`` trains without masks.
-STATIC_METHODS = ("random", "magnitude", "snip", "grasp", "synflow")
-DYNAMIC_METHODS = ("set", "rigl", "dsr", "mest")
-METHODS = ("dense", *STATIC_METHODS, *DYNAMIC_METHODS)
 DISTRIBUTIONS = ("uniform", "erk", "er")
 DROP_SCHEDULES = ("cosine", "constant", "linear")
 
@@ -78,16 +75,10 @@ class SparsityConfig:
         """Build from a plain mapping (a YAML ``sparse:`` section); unknown keys raise.
 
         Raises:
-            ValueError: an unknown key, or any field out of its domain (the message names
+            ConfigError: an unknown key, or any field out of its domain (the message names
                 the field as ``sparse.<field>``).
         """
-        d = dict(d or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            allowed = ", ".join(sorted(known))
-            raise ValueError(f"sparse.{unknown[0]} is not a sparsity setting; allowed: {allowed}")
-        return cls(**d)
+        return cls(**section("sparse", d, (f.name for f in dataclasses.fields(cls))))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-python form (for checkpoints, MLflow params and sweeps)."""
@@ -97,25 +88,25 @@ class SparsityConfig:
     @property
     def sparsity(self) -> float:
         """``1 - density`` (``0`` for ``dense``)."""
-        return 0.0 if self.method == "dense" else 1.0 - self.density
+        return 0.0 if self.method == DENSE else 1.0 - self.density
 
     @property
     def is_dense(self) -> bool:
-        return self.method == "dense"
+        return self.method == DENSE
 
     @property
     def is_dynamic(self) -> bool:
-        return self.method in DYNAMIC_METHODS
+        return self.method in DST_RULES
 
 
 def _check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
-        raise ValueError(f"sparse.{name}={value!r} is invalid; must be true or false")
+        raise ConfigError(f"sparse.{name}={value!r} is invalid; must be true or false")
 
 
 def _validate(c: SparsityConfig) -> None:
     """Check every field; each error names the field as ``sparse.<field>``."""
-    choice("sparse.method", c.method, METHODS)
+    choice("sparse.method", c.method, all_methods())
     choice("sparse.distribution", c.distribution, DISTRIBUTIONS)
     in_range("sparse.density", c.density, 0, 1, low_open=True)
     in_range("sparse.power_scale", c.power_scale, 0, low_open=True)

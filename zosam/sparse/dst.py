@@ -18,17 +18,23 @@ The drop fraction follows ``drop_schedule`` from ``drop_fraction`` at step 0 and
 stop at ``end_fraction`` of training: with ``t = step + 1`` and ``T = end_fraction *
 total_steps``, cosine gives ``f0 (1 + cos(pi t / T)) / 2``, linear ``f0 (1 - t / T)``.
 For MEST this is the mutation ratio, which decays to zero.
+
+Each host is a rule in ``DST_RULES`` (``zosam.sparse.methods``): a function of an
+:class:`UpdateContext` returning the new masks and the positions changed, built from the
+two update shapes here (:func:`layerwise_update`, :func:`global_update`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from zosam.sparse.config import SparsityConfig
+from zosam.sparse.methods import DST_RULES
 
 _INF = float("inf")
 
@@ -191,3 +197,64 @@ def uniform_scores(generator: torch.Generator) -> ScoreFn:
         return torch.rand(m.shape, generator=g, device=m.device)
 
     return score
+
+
+@dataclass
+class UpdateContext:
+    """What a DST rule sees at one update.
+
+    Attributes:
+        masks: ``{layer: bool mask}`` before the update.
+        counts: active weights per layer (``masks``' counts, known without a device sync).
+        params: ``{layer: weight}``.
+        fraction: the drop (mutation) fraction of this update (:func:`drop_fraction_at`).
+        config: the sparsity config (rule-specific settings such as ``mest_gradient_weight``).
+        random: uniform random scores from the masking's generator (:func:`uniform_scores`).
+        grads: the dense gradients of the last step, read only by rules that need them.
+    """
+
+    masks: Mapping[str, Tensor]
+    counts: Mapping[str, int]
+    params: Mapping[str, nn.Parameter]
+    fraction: float
+    config: SparsityConfig
+    random: ScoreFn
+    grads: Callable[[], dict[str, Tensor]]
+
+    def magnitude(self, name: str, _mask: Tensor) -> Tensor:
+        """``|w|`` of layer ``name``."""
+        return self.params[name].detach().abs()
+
+
+Update = tuple[dict[str, Tensor], int]
+
+
+@DST_RULES.register("set")
+def set_rule(ctx: UpdateContext) -> Update:
+    """SET (Mocanu et al. 2018): drop the smallest ``|w|`` per layer, grow at random."""
+    return layerwise_update(ctx.masks, ctx.counts, ctx.fraction, ctx.magnitude, ctx.random)
+
+
+@DST_RULES.register("rigl")
+def rigl_rule(ctx: UpdateContext) -> Update:
+    """RigL (Evci et al. 2020): drop the smallest ``|w|`` per layer, grow the largest ``|dL/dw|``."""
+    grads = ctx.grads()
+    return layerwise_update(ctx.masks, ctx.counts, ctx.fraction, ctx.magnitude, lambda n, _m: grads[n].abs())
+
+
+@DST_RULES.register("mest")
+def mest_rule(ctx: UpdateContext) -> Update:
+    """MEST (Yuan et al. 2021): drop the smallest ``|w| + lambda |dL/dw|`` per layer, grow at random."""
+    grads = ctx.grads()
+    lam = ctx.config.mest_gradient_weight
+
+    def score(n: str, _m: Tensor) -> Tensor:
+        return ctx.params[n].detach().abs() + lam * grads[n].abs()
+
+    return layerwise_update(ctx.masks, ctx.counts, ctx.fraction, score, ctx.random)
+
+
+@DST_RULES.register("dsr")
+def dsr_rule(ctx: UpdateContext) -> Update:
+    """DSR (Mostafa & Wang 2019): global magnitude drop, random growth spread by survivors."""
+    return global_update(ctx.masks, ctx.counts, ctx.fraction, ctx.magnitude, ctx.random)

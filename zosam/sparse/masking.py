@@ -35,7 +35,8 @@ from zosam.sparse.masks import (
     topk_mask,
     weight_layers,
 )
-from zosam.sparse.pruners import PRUNERS, Batch, LossFn, PruneContext
+from zosam.sparse.methods import DST_RULES, PRUNERS
+from zosam.sparse.pruners import Batch, LossFn, PruneContext
 
 _STATE_VERSION = 1
 
@@ -118,17 +119,6 @@ class Masking:
                 it = itertools.chain([first], it)
         if self.config.is_dense:
             return
-        method = "random" if self.config.is_dynamic else self.config.method
-        ctx = PruneContext(
-            model=self.model,
-            params=self.params,
-            counts=self.target_counts,
-            config=self.config,
-            generator=self.generator,
-            batches=it,
-            loss_fn=loss_fn,
-            input_shape=self.input_shape,
-        )
         if self.config.is_dynamic:
             # DST starts from random masks at the distribution's layer counts.
             scores = {
@@ -137,7 +127,17 @@ class Masking:
             }
             masks = {n: topk_mask(s, self.target_counts[n]) for n, s in scores.items()}
         else:
-            masks = PRUNERS.get(method)(ctx)
+            ctx = PruneContext(
+                model=self.model,
+                params=self.params,
+                counts=self.target_counts,
+                config=self.config,
+                generator=self.generator,
+                batches=it,
+                loss_fn=loss_fn,
+                input_shape=self.input_shape,
+            )
+            masks = PRUNERS.get(self.config.method)(ctx)
         masks = broadcast_masks(masks)
         self.counts = self._checked_counts(masks)
         self.masks = {n: m.to(self.params[n].device) for n, m in masks.items()}
@@ -192,26 +192,10 @@ class Masking:
 
     def _updated_masks(self, fraction: float) -> tuple[dict[str, Tensor], int]:
         method = self.config.method
-        rand = dst.uniform_scores(self.generator)
-
-        def magnitude(n: str, _m: Tensor) -> Tensor:
-            return self.params[n].detach().abs()
-
-        if method == "dsr":
-            return dst.global_update(self.masks, self.counts, fraction, magnitude, rand)
-        if method == "set":
-            return dst.layerwise_update(self.masks, self.counts, fraction, magnitude, rand)
-        grads = self._grads(method)
-        if method == "rigl":
-            return dst.layerwise_update(
-                self.masks, self.counts, fraction, magnitude, lambda n, _m: grads[n].abs()
-            )
-        lam = self.config.mest_gradient_weight  # mest
-
-        def mest_score(n: str, _m: Tensor) -> Tensor:
-            return self.params[n].detach().abs() + lam * grads[n].abs()
-
-        return dst.layerwise_update(self.masks, self.counts, fraction, mest_score, rand)
+        ctx = dst.UpdateContext(masks=self.masks, counts=self.counts, params=self.params, fraction=fraction,
+                                config=self.config, random=dst.uniform_scores(self.generator),
+                                grads=lambda: self._grads(method))
+        return DST_RULES.get(method)(ctx)
 
     def _grads(self, method: str) -> dict[str, Tensor]:
         missing = [n for n, p in self.params.items() if p.grad is None]

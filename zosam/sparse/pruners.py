@@ -34,9 +34,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from zosam.registry import Registry
 from zosam.sparse.config import SparsityConfig
 from zosam.sparse.masks import all_reduce_mean, global_topk_masks, topk_mask
+from zosam.sparse.methods import PRUNERS
 
 Batch = tuple[Tensor, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -99,9 +99,6 @@ class PruneContext:
 def _scaled(count: int, numel: int, power: float) -> int:
     """Count at density ``(count / numel) ** power``, never below the final count."""
     return max(count, min(numel, round(numel * (count / numel) ** power)))
-
-
-PRUNERS: Registry[Callable[[PruneContext], dict[str, Tensor]]] = Registry("pruner")
 
 
 @contextmanager
@@ -263,26 +260,3 @@ def prune_synflow(ctx: PruneContext) -> dict[str, Tensor]:
         scores = {n: torch.where(masks[n], s, -1.0) for n, s in flow.scores(masks).items()}
         masks = ctx.select(all_reduce_mean(scores), power=i / rounds)
     return {n: m.to(ctx.params[n].device) for n, m in masks.items()}
-
-
-def synflow_flow(
-    model: nn.Module, masks: Mapping[str, Tensor], input_shape: tuple[int, ...]
-) -> float:
-    """SynFlow's ``R`` of the masked model with biases zeroed.
-
-    Without biases every term of ``R`` is a product of weights along an input-output
-    path, so ``R > 0`` iff at least one path survives the masks (no layer collapse).
-    """
-    net = copy.deepcopy(model).double().eval()
-    with torch.no_grad():
-        for t in itertools.chain(net.parameters(), net.buffers()):
-            if t.is_floating_point():
-                t.abs_()
-        params = dict(net.named_parameters())
-        for n, p in params.items():
-            if n.endswith("bias"):
-                p.zero_()
-        for n, m in masks.items():
-            params[n].mul_(m.to(params[n].device))
-        ones = torch.ones((1, *input_shape), dtype=torch.float64, device=_device(net))
-        return float(net(ones).sum())
