@@ -214,3 +214,63 @@ def test_mixup_and_ema_resume_exactly(tmp_path: Path) -> None:
             assert torch.equal(t, b[key][name]), (key, name)
     assert any(not torch.equal(a["ema"][n], a["model"][n]) for n in a["model"])
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+
+
+def test_step_mixup_is_a_function_of_seed_and_step_and_leaves_numpy_alone() -> None:
+    import numpy as np
+
+    from zosam.recipe import StepMixup
+
+    mix = StepMixup(5, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, seed=3)
+    x, y = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 3, 4, 0])
+    state = np.random.get_state()
+    a = [mix(x.clone(), y, step) for step in range(6)]
+    after = np.random.get_state()
+    assert np.array_equal(state[1], after[1]) and state[2] == after[2]  # the global stream did not move
+    b = [mix(x.clone(), y, step) for step in range(6)]
+    for (xa, ta), (xb, tb) in zip(a, b, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ta, tb)
+    assert len({tuple(t[1].tolist()) for _, t in a}) > 1  # the mix differs from step to step
+    other = StepMixup(5, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, seed=4)(x.clone(), y, 0)
+    assert not torch.equal(other[1], a[0][1])
+
+
+BAD_RECIPE = [
+    (["mixup=-0.5"], "mixup=-0.5 is invalid"),
+    (["cutmix=-1"], "cutmix=-1 is invalid"),
+    (["mixup_prob=1.5"], "mixup_prob=1.5 is invalid"),
+    (["mixup_switch_prob=-1"], "mixup_switch_prob=-1 is invalid"),
+    (["mixup_mode=pixel"], "mixup_mode='pixel' is invalid; allowed: 'batch', 'pair', 'elem'"),
+    (["mixup=0.8", "data.batch_size=7"], "data.batch_size=7 is invalid with mixup/cutmix"),
+    (["model_ema_decay=1"], "model_ema_decay=1 is invalid; must be a number in (0, 1)"),
+    (["optimizer.filter_bias_and_bn=maybe"], "optimizer.filter_bias_and_bn='maybe' is invalid; allowed: true, false"),
+    (["data.repeated_aug=0"], "data.repeated_aug=0 is invalid"),
+    (["data.repeated_aug=3"], "data.repeated_aug=3 is invalid for data.name='digits'"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "start"), BAD_RECIPE, ids=[" ".join(o) for o, _ in BAD_RECIPE])
+def test_bad_recipe_fields_are_config_errors_naming_the_field(overrides: list[str], start: str) -> None:
+    from zosam.config import load_config
+    from zosam.validate import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["model.name=tiny_cnn", "data.name=digits", *overrides])
+    assert str(info.value).startswith(start), str(info.value)
+
+
+def test_weight_decay_groups_skip_norms_biases_and_embeddings() -> None:
+    from zosam.config import OptimizerConfig
+    from zosam.models import create_model
+
+    model = create_model("deit_tiny", 10, img_size=32, patch_size=8)
+    names = {id(p): n for n, p in model.named_parameters()}
+    opt = OptimizerConfig.from_dict({"name": "sgd", "base": "adamw", "lr": 1e-3, "weight_decay": 0.05,
+                                     "filter_bias_and_bn": True}).build(model, model=None)
+    by_decay = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in opt.param_groups}
+    assert {"pos_embed", "cls_token", "norm.weight", "head.bias", "blocks.0.norm1.bias"} <= by_decay[0.0]
+    assert {"patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "head.weight"} <= by_decay[0.05]
+    assert by_decay[0.0].isdisjoint(by_decay[0.05]) and len(by_decay[0.0] | by_decay[0.05]) == len(names)
+    # Off (the default): one group, everything decayed, as before.
+    plain = OptimizerConfig.from_dict({"name": "sgd", "base": "adamw", "lr": 1e-3, "weight_decay": 0.05})
+    assert [g["weight_decay"] for g in plain.build(model, model=None).param_groups] == [0.05]
