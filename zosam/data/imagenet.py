@@ -1,10 +1,34 @@
 """ImageNet from an ImageFolder tree (``data_dir/train/<wnid>/*``, ``data_dir/val/<wnid>/*``).
 
-Transforms are timm's (``timm.data.create_transform``). The ``deit`` recipe is DeiT's
-(Touvron et al. 2021): RandAugment ``rand-m9-mstd0.5-inc1``, colour jitter 0.3, bicubic
-interpolation, random erasing 0.25 (pixel mode); mixup 0.8 / cutmix 1.0 with label
-smoothing 0.1 come from ``deit_mixup`` and are applied by the training loop on batches.
-Evaluation resizes to ``size / 0.875`` and centre-crops (timm's default crop_pct).
+Transforms are timm's (``timm.data.create_transform``). Evaluation resizes to
+``size / 0.875`` and centre-crops (timm's default crop_pct, DeiT's 256 -> 224).
+
+DeiT's recipe (Touvron et al. 2021, Table 9 and their ``main.py``), piece by piece, where
+each one lives here and whether the shipped DeiT configs (``tune/imagenet_deit.yaml``,
+8 GPUs; ``configs/imagenet_deit_small.yaml``, 1 GPU) turn it on:
+
+| piece | setting | where | on |
+|---|---|---|---|
+| RandAugment | ``rand-m9-mstd0.5-inc1`` | ``data.imagenet_recipe: deit`` (this module) | yes |
+| random erasing | p 0.25, pixel mode | ``data.imagenet_recipe: deit`` | yes |
+| colour jitter | 0.3, but timm drops it when RandAugment is on (so did DeiT) | | no-op |
+| Mixup / CutMix | alpha 0.8 / 1.0, switch 0.5, per batch | ``mixup``, ``cutmix``, ... (``zosam.recipe``) | yes |
+| label smoothing | 0.1, folded into the mixed soft targets | ``label_smoothing`` | yes |
+| drop-path | 0.1 | ``model.drop_path_rate`` (the default) | yes |
+| no decay on norms, biases, pos_embed, cls_token | timm's parameter groups | ``optimizer.filter_bias_and_bn`` | yes |
+| repeated augmentation | 3 copies | ``data.repeated_aug`` | 8 GPUs only |
+| EMA of the weights | decay 0.99996 | ``model_ema_decay`` | yes |
+
+Why: every piece is on as DeiT trained, with two qualifications. Repeated augmentation
+pays off at DeiT's scale (global batch 1024 over 8+ GPUs, each copy of an image on another
+GPU; DeiT's ablation loses most of DeiT-B's accuracy without it); on one GPU the copies
+share a batch and an epoch sees a third of the images, so the single-GPU config leaves it
+off. The EMA is what DeiT's code keeps (its paper reports a gain of about 0.1 point that
+fine-tuning erases); here it is evaluated as ``test_acc`` (the raw weights as
+``test_acc_raw``), restricted to the sparse masks, and saved in the checkpoint.
+Mixup/CutMix are drawn once per optimizer step from ``(seed, step, rank)``, so all passes
+of SAM/ZO-SAM in a step see the same mixed batch; train accuracy under soft targets counts
+a prediction correct when it is the soft target's argmax (the class with the larger share).
 """
 
 from __future__ import annotations
@@ -56,7 +80,9 @@ def deit_mixup(num_classes: int, **overrides: Any) -> Any:
     """timm ``Mixup`` with DeiT's settings (``overrides`` replace single values).
 
     It turns ``(x, y)`` into ``(mixed x, soft targets)``; use it with
-    ``timm.loss.SoftTargetCrossEntropy``. Batches must have an even size.
+    ``timm.loss.SoftTargetCrossEntropy``. Batches must have an even size. It draws from
+    NumPy's global RNG; the training loop uses ``zosam.recipe.StepMixup`` (the run
+    config's ``mixup``, ``cutmix``, ... fields, seeded per step) instead.
     """
     from timm.data import Mixup
 
