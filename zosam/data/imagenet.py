@@ -20,10 +20,10 @@ each one lives here and whether the shipped DeiT configs (``tune/imagenet_deit.y
 | EMA of the weights | decay 0.99996 | ``model_ema_decay`` | yes |
 
 Why: every piece is on as DeiT trained, with two qualifications. Repeated augmentation
-pays off at DeiT's scale (global batch 1024 over 8+ GPUs, each copy of an image on another
-GPU; DeiT's ablation loses most of DeiT-B's accuracy without it); on one GPU the copies
-share a batch and an epoch sees a third of the images, so the single-GPU config leaves it
-off. The EMA is what DeiT's code keeps (its paper reports a gain of about 0.1 point that
+(an epoch sees a third of the images, each three times, augmented apart) is "one of the
+key ingredients" in DeiT's ablation, at its scale: global batch 1024 over 8+ GPUs, each
+copy of an image on another GPU (Hoffer et al. 2020 found its gain at large batches). On
+one GPU the three copies share a batch, so the single-GPU config leaves it off. The EMA is what DeiT's code keeps (its paper reports a gain of about 0.1 point that
 fine-tuning erases); here it is evaluated as ``test_acc`` (the raw weights as
 ``test_acc_raw``), restricted to the sparse masks, and saved in the checkpoint.
 Mixup/CutMix are drawn once per optimizer step from ``(seed, step, rank)``, so all passes
