@@ -375,3 +375,21 @@ def test_repeat_aug_sampler_is_seeded_repeats_and_shards() -> None:
     ranks = epoch(1, 2, 3)
     assert [len(r) for r in ranks] == [10, 10, 10]
     assert all(ranks[0] == ranks[r] for r in (1, 2)) and len(set(ranks[0])) == 10
+
+
+def test_deit_randaugment_posterize_at_full_magnitude_gives_black_not_an_error() -> None:
+    """rand-m9-mstd0.5-inc1 draws magnitude 10 now and then: PosterizeIncreasing then keeps
+    0 bits, which Pillow 13 rejects; the DeiT transform must give a black image instead."""
+    from timm.data.auto_augment import RandAugment
+
+    from zosam.data.imagenet import imagenet_transforms
+
+    train_tf, _ = imagenet_transforms(32, augment=True, recipe="deit")
+    (ra,) = [t for t in train_tf.transforms if isinstance(t, RandAugment)]
+    (op,) = [o for o in ra.ops if o.name == "PosterizeIncreasing"]
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0.0
+    img = Image.new("RGB", (32, 32), (200, 100, 50))
+    out = op(img)
+    assert out.size == (32, 32) and np.asarray(out).max() == 0
+    op.magnitude = 9  # 1 bit kept: the top bit of each channel
+    assert np.asarray(op(img))[0, 0].tolist() == [128, 0, 0]

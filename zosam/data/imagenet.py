@@ -23,8 +23,9 @@ Why: every piece is on as DeiT trained, with two qualifications. Repeated augmen
 (an epoch sees a third of the images, each three times, augmented apart) is "one of the
 key ingredients" in DeiT's ablation, at its scale: global batch 1024 over 8+ GPUs, each
 copy of an image on another GPU (Hoffer et al. 2020 found its gain at large batches). On
-one GPU the three copies share a batch, so the single-GPU config leaves it off. The EMA is what DeiT's code keeps (its paper reports a gain of about 0.1 point that
-fine-tuning erases); here it is evaluated as ``test_acc`` (the raw weights as
+one GPU the three copies share a batch, so the single-GPU config leaves it off. The EMA
+is what DeiT's code keeps (its paper reports a gain of about 0.1 point that fine-tuning
+erases); here it is evaluated as ``test_acc`` (the raw weights as
 ``test_acc_raw``), restricted to the sparse masks, and saved in the checkpoint.
 Mixup/CutMix are drawn once per optimizer step from ``(seed, step, rank)``, so all passes
 of SAM/ZO-SAM in a step see the same mixed batch; train accuracy under soft targets counts
@@ -61,6 +62,30 @@ DEIT_MIXUP = {
 }
 
 
+def _posterize(img: Any, bits_to_keep: int, **kwargs: Any) -> Any:
+    """timm's posterize, also for 0 bits kept: a black image, as TensorFlow's RandAugment and
+    Pillow before 13 give; Pillow 13 raises instead. DeiT's ``rand-m9-mstd0.5-inc1`` asks for
+    0 bits whenever the magnitude draw reaches 10 (about 1 image in 700), which would stop
+    an ImageNet run within its first epoch."""
+    from timm.data.auto_augment import posterize
+
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return posterize(img, bits_to_keep, **kwargs)
+
+
+def _keep_zero_bit_posterize(transform: Any) -> Any:
+    """Point the posterize ops of the RandAugment inside ``transform`` at :func:`_posterize`."""
+    from timm.data.auto_augment import RandAugment, posterize
+
+    for t in getattr(transform, "transforms", ()):
+        if isinstance(t, RandAugment):
+            for op in t.ops:
+                if op.aug_fn is posterize:
+                    op.aug_fn = _posterize
+    return transform
+
+
 def imagenet_transforms(image_size: int, *, augment: bool, recipe: str) -> tuple[Any, Any]:
     """(train transform, eval transform) built by timm."""
     from timm.data import create_transform
@@ -69,7 +94,7 @@ def imagenet_transforms(image_size: int, *, augment: bool, recipe: str) -> tuple
     if not augment:
         train_tf = create_transform(is_training=False, **common)
     elif recipe == "deit":
-        train_tf = create_transform(is_training=True, **common, **DEIT_TRANSFORM)
+        train_tf = _keep_zero_bit_posterize(create_transform(is_training=True, **common, **DEIT_TRANSFORM))
     else:  # basic: random-resized crop + flip only
         train_tf = create_transform(is_training=True, **common, color_jitter=None,
                                     auto_augment=None, re_prob=0.0)
