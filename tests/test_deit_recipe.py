@@ -274,3 +274,15 @@ def test_weight_decay_groups_skip_norms_biases_and_embeddings() -> None:
     # Off (the default): one group, everything decayed, as before.
     plain = OptimizerConfig.from_dict({"name": "sgd", "base": "adamw", "lr": 1e-3, "weight_decay": 0.05})
     assert [g["weight_decay"] for g in plain.build(model, model=None).param_groups] == [0.05]
+
+
+def test_soft_target_loss_per_sample_agrees_with_timms_mean() -> None:
+    from zosam.recipe import soft_target_loss
+
+    g = torch.Generator().manual_seed(0)
+    out, t = torch.randn(6, 4, generator=g), torch.rand(6, 4, generator=g).softmax(1)
+    loss = soft_target_loss()
+    per_sample = loss(out, t, reduction="none")
+    assert per_sample.shape == (6,)
+    torch.testing.assert_close(per_sample.mean(), loss(out, t))
+    torch.testing.assert_close(per_sample, -(t * out.log_softmax(1)).sum(1))
