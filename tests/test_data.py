@@ -350,3 +350,46 @@ def test_loader_argument_errors(kw: dict, message: str) -> None:
     x, y = _images(10)
     with pytest.raises(ValueError, match=message):
         _loader(x, y, **kw)
+
+
+def test_repeat_aug_sampler_is_seeded_repeats_and_shards() -> None:
+    from zosam.data.loader import repeat_aug_sampler
+
+    data = list(range(30))
+
+    def epoch(seed: int, e: int, world: int) -> list[list[int]]:
+        out = []
+        for rank in range(world):
+            s = repeat_aug_sampler(data, repeats=3, seed=seed, rank=rank, world_size=world)
+            s.set_epoch(e)
+            out.append(list(s))
+        return out
+
+    assert epoch(1, 2, 3) == epoch(1, 2, 3)  # a pure function of (seed, epoch)
+    assert epoch(1, 2, 3) != epoch(2, 2, 3) and epoch(1, 2, 3) != epoch(1, 3, 3)
+    (single,) = epoch(1, 2, 1)
+    # One process: each image three times in a row; as many samples as the set has.
+    assert len(single) == 30 and all(single[i] == single[i + 1] == single[i + 2] for i in range(0, 30, 3))
+    # Three ranks: rank r takes positions r, r + 3, ... of that sequence, so the three copies
+    # of an image go to three different ranks, each rank seeing 10 distinct images.
+    ranks = epoch(1, 2, 3)
+    assert [len(r) for r in ranks] == [10, 10, 10]
+    assert all(ranks[0] == ranks[r] for r in (1, 2)) and len(set(ranks[0])) == 10
+
+
+def test_deit_randaugment_posterize_at_full_magnitude_gives_black_not_an_error() -> None:
+    """rand-m9-mstd0.5-inc1 draws magnitude 10 now and then: PosterizeIncreasing then keeps
+    0 bits, which Pillow 13 rejects; the DeiT transform must give a black image instead."""
+    from timm.data.auto_augment import RandAugment
+
+    from zosam.data.imagenet import imagenet_transforms
+
+    train_tf, _ = imagenet_transforms(32, augment=True, recipe="deit")
+    (ra,) = [t for t in train_tf.transforms if isinstance(t, RandAugment)]
+    (op,) = [o for o in ra.ops if o.name == "PosterizeIncreasing"]
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0.0
+    img = Image.new("RGB", (32, 32), (200, 100, 50))
+    out = op(img)
+    assert out.size == (32, 32) and np.asarray(out).max() == 0
+    op.magnitude = 9  # 1 bit kept: the top bit of each channel
+    assert np.asarray(op(img))[0, 0].tolist() == [128, 0, 0]

@@ -28,6 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("zosam.models",),
     ("zosam.sparse",),
     ("zosam.optim",),
+    ("zosam.recipe",),  # the DeiT training recipe's pieces (Mixup, EMA, weight-decay groups) around timm
     ("zosam.optimizer_factory",),
     ("zosam.config",),  # the typed run config: checks names against data, models, sparse, optim
     ("zosam.engine",),

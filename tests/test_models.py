@@ -93,3 +93,20 @@ def test_tiny_cnn_bn_option() -> None:
 def test_argument_errors(name: str, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         create_model(name, 10, **kwargs)
+
+
+def test_deit_drop_path_acts_in_training_only() -> None:
+    from timm.layers import DropPath
+
+    model = create_model("deit_tiny", 5, img_size=32, patch_size=8, drop_path_rate=0.3)
+    rates = [m.drop_prob for m in model.modules() if isinstance(m, DropPath)]
+    assert rates and max(rates) == pytest.approx(0.3)  # linear up to the configured rate, as timm/DeiT
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    model.eval()
+    torch.testing.assert_close(model(x), model(x))
+    model.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        a = model(x)
+        b = model(x)  # other drop-path draws
+    assert not torch.equal(a, b)

@@ -109,13 +109,20 @@ class OptimizerConfig:
     base: str = "sgd"
     max_grad_norm: float | None = None
     hyper: dict[str, Any] = field(default_factory=lambda: {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4})
+    # No weight decay on norms, biases and the model's no_weight_decay() names (pos_embed,
+    # cls_token): timm's create_optimizer(filter_bias_and_bn=True), as DeiT trains.
+    filter_bias_and_bn: bool = False
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> OptimizerConfig:
         d = dict(d)
         name, base = d.pop("name", cls.name), d.pop("base", cls.base)
         max_grad_norm = d.pop("max_grad_norm", None)
-        cfg = cls(name, base, max_grad_norm, optimizer_hyper(name, base, d))
+        filter_bias_and_bn = d.pop("filter_bias_and_bn", False)
+        if not isinstance(filter_bias_and_bn, bool):
+            raise ConfigError(f"optimizer.filter_bias_and_bn={show(filter_bias_and_bn)} is invalid; "
+                              "allowed: true, false")
+        cfg = cls(name, base, max_grad_norm, optimizer_hyper(name, base, d), filter_bias_and_bn=filter_bias_and_bn)
         cfg.build(torch.nn.Linear(1, 1), model=None)  # validates every value, cheaply
         return cfg
 
@@ -123,12 +130,14 @@ class OptimizerConfig:
               default_seed: int | None = None):
         """The optimizer over ``params_from``'s parameters (:func:`zosam.optimizer_factory.build_optimizer`)."""
         return build_optimizer(self.name, self.base, self.hyper, self.max_grad_norm, params_from, model=model,
-                               default_seed=default_seed)
+                               default_seed=default_seed, filter_bias_and_bn=self.filter_bias_and_bn)
 
     def to_dict(self) -> dict[str, Any]:
         out = {"name": self.name, "base": self.base, **self.hyper}
         if self.max_grad_norm is not None:
             out["max_grad_norm"] = self.max_grad_norm
+        if self.filter_bias_and_bn:
+            out["filter_bias_and_bn"] = True
         return out
 
 
@@ -239,6 +248,14 @@ class RunConfig:
     amp: str = "off"
     dtype: str = "float32"
     label_smoothing: float = 0.0
+    # Mixup/CutMix (timm's Mixup, DeiT's flags): Beta alphas (0: off), the chance a batch is
+    # mixed, the chance it is CutMix when both are on, and per batch/pair/element draws.
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = "batch"
+    model_ema_decay: float | None = None  # EMA of the weights, evaluated and checkpointed (DeiT: 0.99996)
     max_steps_per_epoch: int | None = None
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -268,6 +285,7 @@ class RunConfig:
             raise ConfigError(f"amp={cfg.amp!r} is invalid with dtype={cfg.dtype!r}; "
                              "mixed precision needs dtype=float32")
         in_range("label_smoothing", cfg.label_smoothing, 0, 1, high_open=True)
+        _check_recipe(cfg)
         if cfg.max_steps_per_epoch is not None:
             in_range("max_steps_per_epoch", cfg.max_steps_per_epoch, 1, integer=True)
         safe_name("name", cfg.name)
@@ -286,6 +304,22 @@ class RunConfig:
             v = getattr(self, f.name)
             out[f.name] = v.to_dict() if hasattr(v, "to_dict") else v
         return out
+
+
+def _check_recipe(cfg: RunConfig) -> None:
+    """Mixup/CutMix and model EMA fields (see ``zosam.recipe``)."""
+    from zosam.recipe import MIXUP_MODES
+
+    in_range("mixup", cfg.mixup, 0)
+    in_range("cutmix", cfg.cutmix, 0)
+    in_range("mixup_prob", cfg.mixup_prob, 0, 1)
+    in_range("mixup_switch_prob", cfg.mixup_switch_prob, 0, 1)
+    choice("mixup_mode", cfg.mixup_mode, MIXUP_MODES)
+    if (cfg.mixup or cfg.cutmix) and cfg.data.batch_size % 2:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is invalid with mixup/cutmix (timm mixes sample i "
+                          "with sample B-1-i); allowed: an even number")
+    if cfg.model_ema_decay is not None:
+        in_range("model_ema_decay", cfg.model_ema_decay, 0, 1, low_open=True, high_open=True)
 
 
 def _check_maskable(cfg: RunConfig) -> None:

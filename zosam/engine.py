@@ -30,6 +30,7 @@ from zosam.data import load_dataset, make_loaders
 from zosam.models import create_model
 from zosam.optim import make_closure, wide
 from zosam.optim.guided import masked_dot
+from zosam.recipe import ModelEma, StepMixup, soft_target_loss, train_accuracy_targets
 from zosam.sparse import Masking
 from zosam.validate import ConfigError
 
@@ -189,7 +190,19 @@ class Trainer:
             self.autocast = torch.autocast(self.device.type, dtype=dtype)
             if cfg.amp == "fp16":
                 self.scaler = torch.amp.GradScaler(self.device.type)
-        self.loss_fn = _loss(cfg.label_smoothing)
+        self.loss_fn = _loss(cfg.label_smoothing, soft=bool(cfg.mixup or cfg.cutmix))
+        self.mixup = StepMixup(self.data.num_classes, mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,
+                               prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
+                               label_smoothing=cfg.label_smoothing, seed=cfg.seed, rank=self.rank) \
+            if cfg.mixup or cfg.cutmix else None
+        self.ema = ModelEma(self.model, cfg.model_ema_decay,
+                            masks=None if cfg.sparse.is_dense else lambda: self.masking.masks) \
+            if cfg.model_ema_decay else None
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights evaluated and reported: the EMA when ``model_ema_decay`` is set, else the model."""
+        return self.ema.module if self.ema is not None else self.model
 
     def init_masks(self) -> None:
         """Prune at init / draw the dynamic host's start (consumes training batches)."""
@@ -209,6 +222,7 @@ class Trainer:
             "masking": self.masking.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
+            "ema": self.ema.state_dict() if self.ema else None,
             "torch_rng": torch.get_rng_state(),
             "history": [vars(h) for h in self.history],
             "train_time_s": self.train_time_s,
@@ -245,6 +259,8 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.scaler and ckpt["scaler"]:
             self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None:  # an EMA switched on at resume (--allow-config-change) starts from the weights
+            self.ema.load_state_dict(ckpt.get("ema") or self.model.state_dict())
         torch.set_rng_state(ckpt["torch_rng"].cpu())
         self.start_epoch = ckpt["epoch"] + 1
         self.global_step = ckpt["global_step"]
@@ -260,15 +276,16 @@ class Trainer:
         gradient the step trains on or, when that pass sees a subset, the one before it."""
 
         def record(out: Tensor, targets: Tensor) -> None:
-            stats["correct"] = float((out.argmax(1) == targets).sum())
+            stats["correct"] = float((out.argmax(1) == train_accuracy_targets(targets)).sum())
 
         return make_closure(self.net, self.loss_fn, x, y, autocast=self.autocast, record=record)
 
-    def _forward_logits(self, x: Tensor) -> Tensor:
+    def _forward_logits(self, x: Tensor, net: nn.Module | None = None) -> Tensor:
+        net = self.net if net is None else net
         if self.autocast is None:
-            return self.net(x)
+            return net(x)
         with self.autocast:
-            return self.net(x)
+            return net(x)
 
     def train_epoch(self, epoch: int) -> EpochResult:
         self.net.train()
@@ -279,6 +296,8 @@ class Trainer:
         for i, (x, y) in enumerate(self.train_loader):
             if i >= self.steps_per_epoch:
                 break
+            if self.mixup is not None:  # drawn once per step: every pass of the step sees this batch
+                x, y = self.mixup(x, y, self.global_step)
             if self.global_step < self.cfg.eval.diagnostics_steps:
                 for k, v in self.diagnostics(x, y).items():
                     diags.setdefault(k, []).append(v)
@@ -290,6 +309,8 @@ class Trainer:
             if not math.isfinite(value):
                 raise Diverged(f"non-finite training loss ({value}) at epoch {epoch}, step {self.global_step}")
             self.masking.step(self.global_step)
+            if self.ema is not None:
+                self.ema.update(self.model)
             self.scheduler.step()
             self.global_step += 1
             loss_sum += value * len(y)
@@ -310,12 +331,16 @@ class Trainer:
                            diagnostics={k: sum(v) / len(v) for k, v in diags.items()})
 
     @torch.no_grad()
-    def evaluate(self, loader=None) -> tuple[float, float]:
-        """(mean loss, accuracy) over a loader (default: the test split), summed over ranks."""
+    def evaluate(self, loader=None, net: nn.Module | None = None) -> tuple[float, float]:
+        """(mean loss, accuracy) of ``net`` (default: ``eval_model``) over a loader (default: the test
+        split), summed over ranks."""
+        if net is None:
+            net = self.ema.module if self.ema is not None else self.net
         self.net.eval()
+        net.eval()
         loss_sum, correct, n = 0.0, 0.0, 0
         for x, y in loader or self.test_loader:
-            out = wide(self._forward_logits(x))
+            out = wide(self._forward_logits(x, net))
             loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
             correct += float((out.argmax(1) == y).sum())
             n += len(y)
@@ -370,6 +395,9 @@ class Trainer:
             last = epoch == self.cfg.epochs - 1
             if last or (epoch + 1) % self.cfg.eval.every == 0:
                 res.test_loss, res.test_acc = self.evaluate()
+                if self.ema is not None:  # the EMA is reported; the raw weights alongside
+                    raw_loss, raw_acc = self.evaluate(net=self.net)
+                    res.diagnostics.update(test_loss_raw=raw_loss, test_acc_raw=raw_acc)
                 if not math.isfinite(res.test_loss):
                     raise Diverged(f"non-finite test loss ({res.test_loss}) after epoch {epoch}")
             self.history.append(res)
@@ -434,8 +462,12 @@ def _dense_flops(trainer: Trainer) -> int:
     return count_flops(trainer.model, trainer.data.input_shape)
 
 
-def _loss(label_smoothing: float) -> Callable[..., Tensor]:
+def _loss(label_smoothing: float, soft: bool = False) -> Callable[..., Tensor]:
+    soft_loss = soft_target_loss() if soft else None
+
     def loss_fn(out: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
+        if soft_loss is not None and y.dim() == 2:  # Mixup/CutMix targets: the smoothing is in them
+            return soft_loss(wide(out), y, reduction)
         # Half-precision logits (AMP) are lifted to float32; float64 runs keep float64.
         return F.cross_entropy(wide(out), y, label_smoothing=label_smoothing, reduction=reduction)
 

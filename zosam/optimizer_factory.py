@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from zosam.optim import BASE_OPTIMIZERS, OPTIMIZERS
+from zosam.recipe import weight_decay_groups
 from zosam.validate import choice, in_range, prefixed, section
 
 #: Arguments of the wrapper classes that are not hyperparameters of a config.
@@ -47,8 +48,11 @@ def optimizer_hyper(name: str, base: str, d: Mapping[str, Any]) -> dict[str, Any
 
 def build_optimizer(name: str, base: str, hyper: Mapping[str, Any], max_grad_norm: float | None,
                     params_from: torch.nn.Module, *, model: torch.nn.Module | None,
-                    default_seed: int | None = None):
+                    default_seed: int | None = None, filter_bias_and_bn: bool = False):
     """Optimizer ``name`` over ``params_from``'s parameters; ``model`` freezes its BatchNorm.
+
+    ``filter_bias_and_bn`` puts norms, biases and the model's ``no_weight_decay()`` names in
+    a group without weight decay (timm's rule, as DeiT trains).
 
     Optimizers with a ``seed`` argument (ZO-SAM's directions, ...) get ``default_seed``
     (the run's seed) unless ``hyper`` sets their own. Whatever the constructors reject is a
@@ -58,5 +62,6 @@ def build_optimizer(name: str, base: str, hyper: Mapping[str, Any], max_grad_nor
     hyper = dict(hyper)
     if default_seed is not None and "seed" in inspect.signature(cls).parameters:
         hyper.setdefault("seed", default_seed)
-    return prefixed("optimizer", cls, params_from.parameters(), BASE_OPTIMIZERS.get(base),
+    params = weight_decay_groups(params_from, hyper["weight_decay"]) if filter_bias_and_bn else None
+    return prefixed("optimizer", cls, params or params_from.parameters(), BASE_OPTIMIZERS.get(base),
                     model=model, max_grad_norm=max_grad_norm, **hyper)

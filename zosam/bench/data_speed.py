@@ -5,15 +5,25 @@ the one-off decode of the JPEG archive), one augmented training batch from
 ``BatchLoader`` (permutation, crop + flip, normalisation), one evaluation batch, and one
 SGD step of the model (forward, backward, update) on that batch. The summary states the
 loader's share of a training step: ``load / (load + step)``.
+
+``--deit``: the ImageNet input pipeline instead, on real JPEGs: CIFAR-10 images from the
+JPEG archive upscaled to ``--jpeg-size`` (ImageNet's most common size, 500x375, by
+default) and saved as JPEG quality 90 in an ImageFolder tree, read through the run's
+``DatasetLoader`` with DeiT's training transform (decode, random-resized crop to 224,
+flip, RandAugment, normalise, random erasing). It prints images/s with 0, 1, 2, ...
+workers and per worker, plus the single-process split decode / transform per image.
+How many workers one GPU needs: its training images/s over the per-worker rate.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +51,94 @@ def _time_batches(loader, n: int) -> list[float]:
     return times
 
 
+def _jpeg_tree(root: Path, archive: str, count: int, size: tuple[int, int], grain: float = 0.0) -> int:
+    """``count`` JPEGs under ``root/<class>/``: archive images upscaled (bicubic) to ``size``, plus
+    Gaussian grain of ``grain`` pixel levels (seeded): upscaled images are smooth and compress
+    far better than photographs, and JPEG decoding time grows with the file size."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    written = 0
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar:
+            if written >= count:
+                break
+            if not (member.isfile() and member.name.startswith("train/") and member.name.endswith(".jpg")):
+                continue
+            cls = member.name.split("/")[1]
+            img = Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")
+            (root / cls).mkdir(parents=True, exist_ok=True)
+            img = img.resize(size, Image.BICUBIC)
+            if grain:
+                noisy = np.asarray(img, dtype=np.float32) + rng.normal(0, grain, (size[1], size[0], 3))
+                img = Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
+            img.save(root / cls / f"{written:05d}.jpg", quality=90)
+            written += 1
+    return written
+
+
+def deit_pipeline(args: argparse.Namespace) -> dict:
+    """images/s of DeiT's training input pipeline with each worker count in ``args.workers``."""
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    from zosam.data import DatasetLoader, default_archive
+    from zosam.data.imagenet import imagenet_transforms
+
+    w, h = (int(v) for v in args.jpeg_size.lower().split("x"))
+    train_tf, _ = imagenet_transforms(args.image_size, augment=True, recipe="deit")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        n = _jpeg_tree(Path(tmp), args.archive or default_archive(), args.jpeg_count, (w, h), args.grain)
+        data = ImageFolder(tmp, transform=train_tf)
+        mean_kb = sum(Path(p).stat().st_size for p, _ in data.samples) / n / 1024
+        # One process, image by image: where the time goes. CPU seconds (process_time) as well
+        # as wall seconds: on a shared machine the CPU time is what a dedicated core would take.
+        wall, cpu = {"decode": 0.0, "transform": 0.0}, {"decode": 0.0, "transform": 0.0}
+        k = min(n, 128)
+        for path, _ in data.samples[:k]:
+            for part in ("decode", "transform"):
+                t, c = time.perf_counter(), time.process_time()
+                if part == "decode":
+                    img = Image.open(path).convert("RGB")
+                else:
+                    train_tf(img)
+                wall[part] += time.perf_counter() - t
+                cpu[part] += time.process_time() - c
+        for part, label in (("decode", "decode (1 process)"), ("transform", "DeiT transform (1 process)")):
+            rows.append({"what": label, "ms_per_image": 1e3 * wall[part] / k, "cpu_ms_per_image": 1e3 * cpu[part] / k,
+                         "images_per_s": k / wall[part], "images_per_cpu_s": k / cpu[part]})
+        for workers in args.workers:
+            loader = DatasetLoader(data, args.batch_size, train=True, seed=0, num_workers=workers)
+            it = iter(loader)
+            next(it)  # warm-up: worker start and the first batch
+            kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+            t, c, seen = time.perf_counter(), time.process_time(), 0
+            for _ in range(args.batches):
+                try:
+                    seen += len(next(it)[1])
+                except StopIteration:
+                    break
+            elapsed, main_cpu = time.perf_counter() - t, time.process_time() - c
+            del it  # joins the workers, so their CPU time is counted below
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            # Worker CPU includes their start and the warm-up batch: a slight overestimate.
+            worker_cpu = (after.ru_utime + after.ru_stime) - (kids.ru_utime + kids.ru_stime)
+            rate = seen / elapsed
+            rows.append({"what": f"DatasetLoader, {workers} workers", "workers": workers, "images_per_s": rate,
+                         "images_per_s_per_worker": rate / max(workers, 1),
+                         "images_per_cpu_s": seen / (main_cpu + worker_cpu)})
+    summary = {"jpeg_size": f"{w}x{h}", "grain": args.grain, "jpeg_kb_mean": mean_kb, "images": n,
+               "image_size": args.image_size, "batch_size": args.batch_size, "torch_threads": torch.get_num_threads()}
+    return emit("data_speed_deit", rows, summary, mlflow_uri=args.mlflow_uri,
+                columns=["what", "ms_per_image", "cpu_ms_per_image", "images_per_s", "images_per_s_per_worker",
+                         "images_per_cpu_s"])
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="zosam bench data-speed", description=__doc__)
     p.add_argument("--dataset", default="cifar10-jpeg")
@@ -53,9 +151,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--decode", action="store_true",
                    help="also time the one-off decode of the archive (into a temporary cache)")
     p.add_argument("--mlflow-uri", default=None)
+    p.add_argument("--deit", action="store_true", help="time DeiT's ImageNet input pipeline on JPEGs instead")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="--deit: DataLoader worker counts")
+    p.add_argument("--jpeg-size", default="500x375", help="--deit: JPEG size WxH (ImageNet's most common)")
+    p.add_argument("--jpeg-count", type=int, default=512, help="--deit: JPEGs written")
+    p.add_argument("--image-size", type=int, default=224, help="--deit: crop size")
+    p.add_argument("--grain", type=float, default=0.0,
+                   help="--deit: Gaussian grain in pixel levels (about 6 gives ImageNet's ~110 KB per 500x375 file)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.deit:
+        return deit_pipeline(args)
 
     overrides = {"archive": args.archive} if args.archive else {}
     cfg = DataConfig.from_dict({"name": args.dataset, "batch_size": args.batch_size,

@@ -57,6 +57,9 @@ class DataConfig:
         num_workers: DataLoader worker processes (``imagenet`` only; in-memory sets need none).
         imagenet_recipe: ``"deit"`` (RandAugment rand-m9-mstd0.5-inc1, colour jitter 0.3,
             random erasing 0.25, bicubic) or ``"basic"`` (random-resized crop + flip).
+        repeated_aug: copies of each training image per epoch, each augmented apart and
+            sent to a different rank (DeiT's repeated augmentation: 3); 1 is off. For
+            datasets read image by image (``imagenet``).
     """
 
     name: str = "cifar10-jpeg"
@@ -74,6 +77,7 @@ class DataConfig:
     eval_batch_size: int = 512
     num_workers: int = 4
     imagenet_recipe: str = "deit"
+    repeated_aug: int = 1
 
     def __post_init__(self) -> None:
         self.validate()
@@ -103,6 +107,10 @@ class DataConfig:
         in_range("data.eval_batch_size", self.eval_batch_size, 1, integer=True)
         in_range("data.num_workers", self.num_workers, 0, integer=True)
         choice("data.imagenet_recipe", self.imagenet_recipe, IMAGENET_RECIPES)
+        in_range("data.repeated_aug", self.repeated_aug, 1, integer=True)
+        if self.repeated_aug > 1 and self.name != "imagenet":
+            raise ValueError(f"data.repeated_aug={self.repeated_aug} is invalid for data.name={self.name!r} "
+                             "(an in-memory set); allowed: 1, or > 1 with data.name='imagenet'")
         return self
 
     @classmethod

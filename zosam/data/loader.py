@@ -178,6 +178,27 @@ class BatchLoader:
             yield self.normalise(x), self.labels[bi]
 
 
+def repeat_aug_sampler(dataset, *, repeats: int, seed: int, rank: int, world_size: int):
+    """timm's ``RepeatAugSampler`` (DeiT's ``RASampler``) with an explicit seed.
+
+    Each epoch shuffles the indices, repeats each ``repeats`` times in a row and deals them
+    to the ranks round-robin (``[rank::world_size]``), so with ``world_size >= repeats`` the
+    copies of an image land on different ranks, each augmented apart. Every rank yields
+    ``len(dataset) // 256 * 256 / world_size`` samples per epoch (all of them below 256
+    images), as DeiT's: an epoch costs what it costs without repeats.
+    """
+    from timm.data.distributed_sampler import RepeatAugSampler
+
+    class _Seeded(RepeatAugSampler):
+        # timm seeds its shuffle with the bare epoch number: mix the run seed in.
+        def set_epoch(self, epoch: int) -> None:
+            super().set_epoch(epoch_seed(seed, epoch))
+
+    sampler = _Seeded(dataset, num_replicas=world_size, rank=rank, shuffle=True, num_repeats=repeats)
+    sampler.set_epoch(0)
+    return sampler
+
+
 class DatasetLoader:
     """A ``DataLoader`` over a map-style dataset, sharded by ``DistributedSampler``.
 
@@ -185,19 +206,23 @@ class DatasetLoader:
     ``device``). The sampler's shuffle uses ``seed`` + epoch; worker seeds come from a
     generator seeded with ``epoch_seed(seed, epoch)``. Transforms that draw from the
     global RNG (torchvision's) are reproducible only with ``num_workers > 0``, where each
-    worker's RNG is seeded from that generator.
+    worker's RNG is seeded from that generator. ``repeats > 1`` (training) samples with
+    :func:`repeat_aug_sampler` instead.
     """
 
     def __init__(self, dataset, batch_size: int, *, train: bool, seed: int = 0, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, drop_last: bool | None = None,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, repeats: int = 1) -> None:
         from torch.utils.data import DataLoader, DistributedSampler
 
         self.device = torch.device(device)
         self.dtype = dtype
         self.seed = seed
-        self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank,
-                                          shuffle=train, seed=seed)
+        if train and repeats > 1:
+            self.sampler = repeat_aug_sampler(dataset, repeats=repeats, seed=seed, rank=rank, world_size=world_size)
+        else:
+            self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank,
+                                              shuffle=train, seed=seed)
         self._gen = torch.Generator()
         self.loader = DataLoader(
             dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
@@ -238,5 +263,5 @@ def make_loaders(bundle, cfg, *, seed: int, rank: int = 0, world_size: int = 1,
         return train, test
     common = {"seed": seed, "rank": rank, "world_size": world_size,
               "num_workers": cfg.num_workers, "device": device, "dtype": dtype}
-    return (DatasetLoader(bundle.train, cfg.batch_size, train=True, **common),
+    return (DatasetLoader(bundle.train, cfg.batch_size, train=True, repeats=cfg.repeated_aug, **common),
             DatasetLoader(bundle.test, cfg.eval_batch_size, train=False, **common))
