@@ -265,14 +265,14 @@ def test_weight_decay_groups_skip_norms_biases_and_embeddings() -> None:
 
     model = create_model("deit_tiny", 10, img_size=32, patch_size=8)
     names = {id(p): n for n, p in model.named_parameters()}
-    opt = OptimizerConfig.from_dict({"name": "sgd", "base": "adamw", "lr": 1e-3, "weight_decay": 0.05,
+    opt = OptimizerConfig.from_dict({"name": "base", "base": "adamw", "lr": 1e-3, "weight_decay": 0.05,
                                      "filter_bias_and_bn": True}).build(model, model=None)
     by_decay = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in opt.param_groups}
     assert {"pos_embed", "cls_token", "norm.weight", "head.bias", "blocks.0.norm1.bias"} <= by_decay[0.0]
     assert {"patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "head.weight"} <= by_decay[0.05]
     assert by_decay[0.0].isdisjoint(by_decay[0.05]) and len(by_decay[0.0] | by_decay[0.05]) == len(names)
     # Off (the default): one group, everything decayed, as before.
-    plain = OptimizerConfig.from_dict({"name": "sgd", "base": "adamw", "lr": 1e-3, "weight_decay": 0.05})
+    plain = OptimizerConfig.from_dict({"name": "base", "base": "adamw", "lr": 1e-3, "weight_decay": 0.05})
     assert [g["weight_decay"] for g in plain.build(model, model=None).param_groups] == [0.05]
 
 
