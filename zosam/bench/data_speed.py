@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from zosam.bench import emit
+from zosam.cliargs import add_tracking_uri
 from zosam.data import DataConfig, load_dataset, make_loaders
 from zosam.models import create_model
 
@@ -52,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--decode", action="store_true",
                    help="also time the one-off decode of the archive (into a temporary cache)")
-    p.add_argument("--mlflow-uri", default=None)
+    add_tracking_uri(p, "--mlflow-uri", dest="mlflow_uri", help="also log to this MLflow tracking URI")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -82,6 +82,7 @@ from torch import Tensor, nn
 from zosam.bench import emit
 from zosam.bench.accuracy import mean_std
 from zosam.bench.step_cost import parse_method
+from zosam.cliargs import add_key_values, parse_args
 from zosam.validate import choice, in_range
 
 RESULTS_FILE = "flatness_results.json"
@@ -127,8 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rho grid for methods that take rho and do not set it (default: the setting's; "
                         "digits 0.1 0.3, cifar 0.05)")
     p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 5)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a run-config field in every setting, e.g. --set epochs=5 (repeatable)")
+    add_key_values(p, help="override a run-config field in every setting, e.g. epochs=5")
     p.add_argument("--quick", action="store_true",
                    help="digits, noise 0 and 0.4, 2 seeds, 10 epochs, sgd sam zosam rwp at rho 0.3 "
                         "(explicit flags still win)")
@@ -669,7 +669,7 @@ def _job_id(job: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = parse_args(build_parser(), list(sys.argv[1:] if argv is None else argv))
     from zosam.config import RunConfig
 
     g = _resolve(args)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from zosam.bench import emit
+from zosam.cliargs import add_tracking_uri
 from zosam.config import parse_value
 from zosam.models import create_model
 from zosam.optim import OPTIMIZERS, PerturbationOptimizer, make_closure
@@ -157,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", action="store_true", help="autocast (bf16 on CPU, fp16 + GradScaler on CUDA)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    p.add_argument("--mlflow", default=None, metavar="URI", help="also log to this MLflow tracking URI")
+    add_tracking_uri(p, "--mlflow", dest="mlflow", help="also log to this MLflow tracking URI")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     return p
 
