@@ -16,10 +16,14 @@ from tqdm import tqdm
 T = TypeVar("T")
 
 
-def eprint(*args: Any, **kwargs: Any) -> None:
-    """``print`` to stderr (a progress or status line, a warning, an error), flushed."""
-    kwargs.setdefault("flush", True)
-    print(*args, file=sys.stderr, **kwargs)
+def eprint(*args: Any, sep: str = " ", end: str = "\n") -> None:
+    """``print`` to stderr (a progress or status line, a warning, an error), flushed; above
+    any live progress bar, which is redrawn below it."""
+    if progress_enabled():
+        tqdm.write(sep.join(map(str, args)), file=sys.stderr, end=end)
+        sys.stderr.flush()
+    else:
+        print(*args, sep=sep, end=end, file=sys.stderr, flush=True)
 
 
 def progress_enabled() -> bool:

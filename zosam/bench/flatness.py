@@ -83,6 +83,7 @@ from zosam.bench import emit
 from zosam.bench.accuracy import mean_std
 from zosam.bench.step_cost import parse_method
 from zosam.cliargs import add_key_values, parse_args
+from zosam.console import eprint, progress_bar
 from zosam.validate import choice, in_range
 
 RESULTS_FILE = "flatness_results.json"
@@ -728,10 +729,14 @@ def _train_all(todo: list[tuple[str, dict[str, Any]]], records: dict[str, dict[s
         (out / "runs" / f"{jid}.json").write_text(json.dumps(rec, indent=1, default=str))
         acc = f"test {100 * rec['test_acc']:.1f} %  top eig {rec['top_eig']:.3g}" if rec["status"] == "finished" \
             else f"FAILED: {rec['reason']}"
-        print(f"[{time.perf_counter() - t0:6.0f}s] {i}/{len(todo)} {rec['config']['name']}: {acc}", flush=True)
+        eprint(f"[{time.perf_counter() - t0:6.0f}s] {i}/{len(todo)} {rec['config']['name']}: {acc}")
+        bar.update()
+        if i == len(todo):
+            bar.close()
 
     if not todo:
         return
+    bar = progress_bar(total=len(todo), desc="flatness", unit="run")
     if jobs == 1 or len(todo) <= 1:
         for i, (jid, j) in enumerate(todo, 1):
             done(jid, run_one(j), i)
