@@ -1,4 +1,4 @@
-"""The ``zosam`` command line: ``train``, ``sweep``, ``compare``, ``bench``.
+"""The ``zosam`` command line: ``train``, ``sweep``, ``demo``, ``compare``, ``bench``.
 
 Heavy modules (torch, ray, mlflow) are imported inside the commands, so ``zosam --help``
 and argument errors are instant. Results go to stdout; progress, warnings and errors to
@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray (default: spec)")
     add_key_values(s, help="sweep-spec overrides, e.g. num_trials=4 base.epochs=2")
 
+    d = sub.add_parser("demo", help="the quick sweep of `make demo` (tune/quick.yaml; digits when the CIFAR-10 "
+                                    "JPEG archive is missing)")
+    d.add_argument("--address", default=None, help="Ray address ('auto' or host:port); default: a local Ray")
+    add_tracking_uri(d, help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite)")
+    add_key_values(d, help="sweep-spec overrides, e.g. num_trials=4")
+
     c = sub.add_parser("compare", help="compare MLflow runs grouped over seeds; tables and plots")
     c.add_argument("--experiment", default=None, help="experiment name (default: all)")
     c.add_argument("--sweep", default=None, help="a sweep's name or parent run id")
@@ -120,6 +126,15 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0 if result.completed else 1
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from zosam.demo import QUICK_SPEC, demo_overrides
+    from zosam.sweep import run_sweep
+
+    result = run_sweep(QUICK_SPEC, address=args.address, tracking_uri=args.tracking_uri,
+                       overrides=demo_overrides(args.overrides))
+    return 0 if result.completed else 1
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from zosam.compare import compare_main
 
@@ -141,7 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM (a scheduler's preemption, `kill`) unwinds like an exit, so a run records
     # its end in MLflow instead of staying RUNNING.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    handler = {"train": _cmd_train, "sweep": _cmd_sweep, "compare": _cmd_compare, "bench": _cmd_bench}
+    handler = {"train": _cmd_train, "sweep": _cmd_sweep, "demo": _cmd_demo, "compare": _cmd_compare,
+               "bench": _cmd_bench}
     try:
         return handler[args.command](args)
     except ConfigError as e:
