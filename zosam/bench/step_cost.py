@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from zosam.bench import emit
 from zosam.cliargs import add_tracking_uri
 from zosam.config import parse_value
+from zosam.console import progress_bar
 from zosam.models import create_model
 from zosam.optim import OPTIMIZERS, PerturbationOptimizer, make_closure
 
@@ -178,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     fwd_inputs = {f: setups["sgd"][4][: max(1, math.ceil(f * args.batch_size))] for f in fractions}
     times: dict[str, list[float]] = {m: [] for m in methods}
     fwd_times: dict[float, list[float]] = {f: [] for f in fractions}
-    for r in range(args.warmup + args.rounds):
+    for r in progress_bar(range(args.warmup + args.rounds), desc="step-cost", unit="round"):
         for m, (_, opt, closure, scaler, _) in setups.items():
             dt = _timed_step(opt, closure, scaler, device)
             if r >= args.warmup:
