@@ -20,6 +20,16 @@ ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 ROBUSTNESS_STACK = {"imagecorruptions", "cv2", "skimage", "numba"}
 CLUSTER_STACK = {"jsonschema", "kubernetes_validate"}
+FIND = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+
+
+def _shipped_roots() -> list[str]:
+    """Top-level packages the wheel ships: folders with an ``__init__.py`` that the
+    ``include`` patterns match (``zosam``, and any deployment package beside it)."""
+    from fnmatch import fnmatch
+
+    return sorted(p.parent.name for p in ROOT.glob("*/__init__.py")
+                  if any(fnmatch(p.parent.name, pat) for pat in FIND["include"]))
 
 
 def _dist_name(requirement: str) -> str:
@@ -42,11 +52,11 @@ def _declared() -> dict[str, set[str]]:
     return groups
 
 
-def _imports() -> dict[str, list[tuple[str, bool]]]:
-    """Top-level third-party module -> ``(file, at_module_level)`` for every import in zosam/,
-    function-level (lazy) imports included."""
+def _imports(roots: list[str]) -> dict[str, list[tuple[str, bool]]]:
+    """Top-level third-party module -> ``(file, at_module_level)`` for every import in the
+    packages ``roots``, function-level (lazy) imports included."""
     found: dict[str, list[tuple[str, bool]]] = {}
-    for path in sorted((ROOT / "zosam").rglob("*.py")):
+    for path in sorted(p for root in roots for p in (ROOT / root).rglob("*.py")):
         tree = ast.parse(path.read_text(), str(path))
         module_level = {id(n) for n in tree.body}
         for node in ast.walk(tree):
@@ -58,7 +68,7 @@ def _imports() -> dict[str, list[tuple[str, bool]]]:
                 continue
             for name in names:
                 top = name.split(".")[0]
-                if top not in sys.stdlib_module_names and top != "zosam":
+                if top not in sys.stdlib_module_names and top not in roots:
                     found.setdefault(top, []).append((str(path.relative_to(ROOT)), id(node) in module_level))
     return found
 
@@ -66,7 +76,9 @@ def _imports() -> dict[str, list[tuple[str, bool]]]:
 def test_every_imported_package_is_declared() -> None:
     declared = set().union(*_declared().values())
     provided_by = importlib.metadata.packages_distributions()
-    imports = _imports()
+    roots = _shipped_roots()
+    assert "zosam" in roots
+    imports = _imports(roots)
     assert {"torch", "ray", "mlflow", "optuna", "tqdm", "imagecorruptions"} <= set(imports)  # the walk sees them
     missing = {}
     for module, where in imports.items():
@@ -87,7 +99,7 @@ def test_optional_stacks_are_extras_and_imported_lazily() -> None:
     assert "imagecorruptions-imaug" in groups["robustness"] and "jsonschema" in groups["cluster"]
     assert any(r == "tqdm==4.70.1" for r in PYPROJECT["dependencies"])
     optional = ROBUSTNESS_STACK | CLUSTER_STACK
-    eager = {m: [f for f, top in where if top] for m, where in _imports().items() if m in optional}
+    eager = {m: [f for f, top in where if top] for m, where in _imports(["zosam"]).items() if m in optional}
     assert not any(eager.values()), f"optional packages imported at module level: {eager}"
 
 
@@ -158,13 +170,12 @@ def test_ray_address_file_matches_ray(monkeypatch: pytest.MonkeyPatch, tmp_path:
 
 
 def test_package_discovery_includes_every_package() -> None:
-    """setuptools' discovery, as pyproject.toml configures it, finds every folder of zosam/
-    with Python files (wherever helpers move code inside it), and each is a regular package."""
+    """setuptools' discovery, as pyproject.toml configures it, finds every folder of the shipped
+    packages with Python files (wherever code moves inside them), and each is a regular package."""
     from setuptools import find_namespace_packages
 
-    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
-    found = set(find_namespace_packages(str(ROOT), include=cfg["include"], exclude=cfg.get("exclude", ())))
-    folders = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "zosam").rglob("*.py")
-               if "__pycache__" not in p.parts}
+    found = set(find_namespace_packages(str(ROOT), include=FIND["include"], exclude=FIND.get("exclude", ())))
+    folders = {".".join(p.parent.relative_to(ROOT).parts) for root in _shipped_roots()
+               for p in (ROOT / root).rglob("*.py") if "__pycache__" not in p.parts}
     assert folders <= found, folders - found
     assert all((ROOT / f.replace(".", "/") / "__init__.py").is_file() for f in folders)

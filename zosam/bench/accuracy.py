@@ -4,7 +4,7 @@ Grid: hosts x optimizers x densities x seeds (default SNIP, RigL x SGD, SAM, ZO-
 x 10 %, 2 % density x 2 seeds), the same data, model, epochs, schedule and seeds for
 every cell. Each run goes through ``zosam.runner.run`` (its own checkpoint folder under
 ``--out/runs/<name>``, one MLflow run tagged ``zosam.benchmark=accuracy`` plus the usual
-``zosam.*`` tags, so ``zosam compare --tag zosam.benchmark=accuracy`` reads them).
+``zosam.*`` tags, so ``zosam compare zosam.benchmark=accuracy`` reads them).
 
 Reported per cell (host, optimizer, density): final-epoch test accuracy mean, sample std
 over seeds (ddof = 1; empty with one seed), min and max, the change against the host

@@ -10,7 +10,7 @@ method does what SAM does. Every run goes through the project's own machinery
 ``OPTIMIZERS`` registry), so any registered optimizer and hyperparameters work:
 ``--methods sgd sam zosam:q=4 zosam:directions=guided rwp``.
 
-Settings (``SETTINGS``; ``--set key=value`` overrides any run-config field of all of them):
+Settings (``SETTINGS``; ``key=value`` arguments override any run-config field of all of them):
 
 - ``digits``: scikit-learn digits at 8x8 (1,438 training, 359 test images), an MLP
   192-256-256-10, 40 epochs, batch 64, SGD momentum 0.9, lr 0.1 cosine, wd 5e-4, no
