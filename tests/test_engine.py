@@ -208,7 +208,7 @@ def test_divergence_fails_cleanly_with_a_reason(tmp_path: Path, store: str, expe
     assert "non-finite" in outcome.reason and "epoch 0" in outcome.reason
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err
-    assert "FAILED: non-finite" in out
+    assert "FAILED: non-finite" in err  # a failure is reported on stderr
 
     (r,) = runs_of(experiment)
     assert r.info.run_id == outcome.run_id

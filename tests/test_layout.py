@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS: list[tuple[str, ...]] = [
     # Below everything: the boundary checks, table/statistics/plot helpers, one registry class,
     # YAML reading, where results and MLflow live, Pareto fronts. They import nothing of zosam but each other.
-    ("zosam.validate", "zosam.tables", "zosam.stats", "zosam.plotting"),
-    ("zosam.registry", "zosam.yaml_io", "zosam.pareto"),
+    ("zosam.validate", "zosam.tables", "zosam.stats", "zosam.plotting", "zosam.console", "zosam.extras"),
+    ("zosam.registry", "zosam.yaml_io", "zosam.pareto", "zosam.cliargs"),
     ("zosam.storage", "zosam.tracking"),
     # The data flow.
     ("zosam.data",),
@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("zosam.runner",),
     ("zosam.ray_train",),
     ("zosam.sweep",),
-    ("zosam.compare", "zosam.bench"),  # consumers of runs and sweeps, independent of each other
+    ("zosam.compare", "zosam.bench", "zosam.demo"),  # consumers of runs and sweeps, independent of each other
     ("zosam.cli",),
     # Deployment tooling (the ``cluster`` extra): nothing of the runtime may import it.
     ("zosam_cluster",),

@@ -80,7 +80,7 @@ def test_an_mlflow_write_failure_fails_the_run_with_its_reason_and_resume_fills_
     out, err = capsys.readouterr()
     assert failed.status == "failed"
     assert failed.reason.startswith(f"MLflow log_metrics on {uri} failed: ") and "metrics" in failed.reason
-    assert "Traceback" not in out + err and "FAILED: MLflow log_metrics" in out
+    assert "Traceback" not in out + err and "FAILED: MLflow log_metrics" in err
 
     from mlflow.tracking import MlflowClient
 

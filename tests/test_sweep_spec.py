@@ -186,11 +186,11 @@ def test_spec_file_with_base_path_and_overrides(tmp_path: Path) -> None:
      "invalid YAML: while parsing a flow mapping"),
     ("name: s\nname: t\n", [], "invalid YAML: duplicate key 'name' (first at line 1)"),
     (None, ["--num-cpus", "0"], "--num-cpus=0 is invalid; must be an integer in [1, inf)"),
-    (None, ["--set", "search.seed=99999999999999999999"], "search.seed=99999999999999999999 is invalid; must be an "
-                                                          "integer in [0, 4294967295]"),
+    (None, ["search.seed=99999999999999999999"], "search.seed=99999999999999999999 is invalid; must be an "
+                                              "integer in [0, 4294967295]"),
     (None, ["--storage-path", "s.yaml/results"], "--storage-path="),
-    (None, ["--set", "name=../x"], "name='../x' is invalid"),
-    (None, ["--set", "ray.num_cpus=0"], "ray.num_cpus=0 is invalid; must be an integer in [1, inf)"),
+    (None, ["name=../x"], "name='../x' is invalid"),
+    (None, ["ray.num_cpus=0"], "ray.num_cpus=0 is invalid; must be an integer in [1, inf)"),
     (None, ["--address", "127.0.0.1:1"], "--address='127.0.0.1:1': no Ray cluster answers there (Connection refused"),
     (None, ["--address", "nohostport"], "--address='nohostport' is invalid; must be host:port"),
 ])

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import pickle
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zosam.config import RunConfig
+from zosam.console import eprint, progress_bar
 from zosam.data import load_dataset, make_loaders
 from zosam.models import create_model
 from zosam.optim import make_closure, wide
@@ -129,12 +129,12 @@ class Trainer:
         checkpoint_dir: where checkpoints are written (rank 0); ``None`` disables them.
         on_epoch: called after every epoch with ``(EpochResult, checkpoint_path | None)``
             on every rank (Ray Train reports from there).
-        log: a line printer (progress and summary); ``None`` is silent.
+        log: a line printer for progress (default: stderr); ``None`` is silent.
     """
 
     def __init__(self, config: RunConfig, *, checkpoint_dir: str | Path | None = None,
                  on_epoch: Callable[[EpochResult, Path | None], None] | None = None,
-                 log: Callable[[str], None] | None = print) -> None:
+                 log: Callable[[str], None] | None = eprint) -> None:
         self.cfg = config
         self.rank, self.world_size = rank_and_world_size()
         self.device = resolve_device(config.device)
@@ -293,6 +293,8 @@ class Trainer:
         t0 = time.perf_counter()
         loss_sum, correct, seen = 0.0, 0.0, 0
         diags: dict[str, list[float]] = {}
+        bar = progress_bar(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", unit="step",
+                           enabled=self.log is not None)
         for i, (x, y) in enumerate(self.train_loader):
             if i >= self.steps_per_epoch:
                 break
@@ -307,6 +309,7 @@ class Trainer:
                 self.scaler.update()
             value = float(loss)
             if not math.isfinite(value):
+                bar.close()
                 raise Diverged(f"non-finite training loss ({value}) at epoch {epoch}, step {self.global_step}")
             self.masking.step(self.global_step)
             if self.ema is not None:
@@ -316,11 +319,11 @@ class Trainer:
             loss_sum += value * len(y)
             correct += stats.get("correct", 0.0)
             seen += len(y)
-            if self.log and _tty() and i % 10 == 0:  # a live line on a terminal, nothing in logs
-                rate = seen * self.world_size / (time.perf_counter() - t0)
-                sys.stderr.write(f"\r  epoch {epoch + 1}/{self.cfg.epochs}  step {i + 1}/{self.steps_per_epoch}  "
-                                 f"loss {loss_sum / seen:.4f}  acc {correct / seen:.3f}  {rate:.0f} img/s\x1b[K")
-                sys.stderr.flush()
+            bar.update()
+            if i % 10 == 0 and not bar.disable:
+                bar.set_postfix_str(f"loss {loss_sum / seen:.4f}  acc {correct / seen:.3f}  "
+                                    f"{seen * self.world_size / (time.perf_counter() - t0):.0f} img/s", refresh=False)
+        bar.close()  # clears the bar: the epoch's summary line follows
         totals = self._all_reduce([loss_sum, correct, float(seen)])
         elapsed = time.perf_counter() - t0
         self.train_time_s += elapsed
@@ -408,8 +411,6 @@ class Trainer:
                 path = self.save_checkpoint(epoch)
             if self.log:
                 test = f"  test_acc {res.test_acc:.4f}" if res.test_acc is not None else ""
-                if _tty():
-                    sys.stderr.write("\r\x1b[K")  # clear the live line
                 self.log(f"epoch {epoch + 1}/{self.cfg.epochs}  loss {res.train_loss:.4f}  "
                          f"train_acc {res.train_acc:.4f}{test}  {res.images / res.epoch_time_s:.0f} img/s  "
                          f"({res.epoch_time_s:.1f} s)")
@@ -472,7 +473,3 @@ def _loss(label_smoothing: float, soft: bool = False) -> Callable[..., Tensor]:
         return F.cross_entropy(wide(out), y, label_smoothing=label_smoothing, reduction=reduction)
 
     return loss_fn
-
-
-def _tty() -> bool:
-    return sys.stderr.isatty()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from zosam.config import RunConfig
+from zosam.console import eprint
 from zosam.engine import CHECKPOINT_FILE, EpochResult
 
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -162,7 +163,7 @@ def run_in_session(run_dict: dict[str, Any], *, report: Callable[..., None], get
 
         outcome = run(cfg, checkpoint_dir=local, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
                       extra_tags=extra_tags, on_epoch=on_epoch, resume_from=resume_from,
-                      log=print if rank == 0 else None, run_key=run_key)
+                      log=eprint if rank == 0 else None, run_key=run_key)
         if outcome.status == "finished" and final:
             path = final["path"]
             ckpt = checkpoint_cls.from_directory(str(path.parent)) if (rank == 0 and path) else None
@@ -240,7 +241,7 @@ def train_distributed(cfg: RunConfig, *, num_workers: int, use_gpu: bool = False
         try:
             result = trainer.fit()
         except Exception as e:  # TrainingFailedError: the worker's reason is in the message
-            print(f"run {cfg.name!r} FAILED: {e}")
+            eprint(f"run {cfg.name!r} FAILED: {e}")
             return RunOutcome("failed", {}, str(e))
         print(f"run {cfg.name!r} finished on {num_workers} workers; checkpoint: {result.checkpoint}")
         return RunOutcome("finished", dict(result.metrics or {}), checkpoint=None)

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from zosam.config import RunConfig
+from zosam.console import eprint
 from zosam.engine import (
     CHECKPOINT_FILE,
     Diverged,
@@ -121,7 +122,8 @@ def run(
     parent_run_id: str | None = None,
     extra_tags: Mapping[str, str] | None = None,
     on_epoch: Callable[[Trainer, EpochResult, Path | None, RunLogger | None], None] | None = None,
-    log: Callable[[str], None] | None = print,
+    log: Callable[[str], None] | None = eprint,
+    report: Callable[[str], None] = print,
     resume_from: str | Path | None = None,
     run_key: str | None = None,
     allow_config_change: bool = False,
@@ -140,6 +142,10 @@ def run(
             checkpoint written (if any) and the MLflow logger (rank 0; ``None`` elsewhere).
         allow_config_change: resume although the config differs from the checkpoint's
             (refused otherwise, naming the fields); the change is recorded in MLflow.
+        log: progress and status lines, failures included (default: stderr); ``None`` is
+            silent, results too.
+        report: the results (summary table, checkpoint path; default: stdout), on rank 0
+            when ``log`` is set.
 
     Each epoch's metrics reach MLflow before its checkpoint is written, and a resume logs
     the epochs of the checkpoint's history that MLflow lacks (after a failed write), each
@@ -240,9 +246,9 @@ def run(
                 log(f"\nrun {cfg.name!r} FAILED: {e}")
             return RunOutcome("failed", summary, str(e), logger.run_id)
     if log and trainer.rank == 0:
-        log(f"\nrun {cfg.name!r} finished ({trainer.data.label}, final-epoch accuracy is the headline)")
-        log(format_summary(summary))
-        log(f"checkpoint: {ckpt_dir / CHECKPOINT_FILE}")
+        report(f"run {cfg.name!r} finished ({trainer.data.label}, final-epoch accuracy is the headline)")
+        report(format_summary(summary))
+        report(f"checkpoint: {ckpt_dir / CHECKPOINT_FILE}")
     return RunOutcome("finished", summary, None, logger.run_id if logger else None, ckpt_dir / CHECKPOINT_FILE)
 
 

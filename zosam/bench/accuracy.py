@@ -4,7 +4,7 @@ Grid: hosts x optimizers x densities x seeds (default SNIP, RigL x SGD, SAM, ZO-
 x 10 %, 2 % density x 2 seeds), the same data, model, epochs, schedule and seeds for
 every cell. Each run goes through ``zosam.runner.run`` (its own checkpoint folder under
 ``--out/runs/<name>``, one MLflow run tagged ``zosam.benchmark=accuracy`` plus the usual
-``zosam.*`` tags, so ``zosam compare --tag zosam.benchmark=accuracy`` reads them).
+``zosam.*`` tags, so ``zosam compare zosam.benchmark=accuracy`` reads them).
 
 Reported per cell (host, optimizer, density): final-epoch test accuracy mean, sample std
 over seeds (ddof = 1; empty with one seed), min and max, the change against the host
@@ -46,6 +46,7 @@ from typing import Any
 
 from zosam.bench import emit
 from zosam.bench.accuracy_aggregate import COLUMNS, aggregate
+from zosam.console import eprint, progress_bar
 
 RESULTS_FILE = "accuracy_results.json"
 EXPERIMENT = "zosam-accuracy"
@@ -149,7 +150,7 @@ def grid(args: argparse.Namespace, s: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def train_one(cfg_dict: dict[str, Any], out: Path, tracking_uri: str, *, fresh: bool = False,
-              log=print) -> dict[str, Any]:
+              log=eprint) -> dict[str, Any]:
     """Train one run (or reuse its record); returns the record written to ``runs/<name>.json``."""
     from zosam.config import RunConfig
     from zosam.runner import run
@@ -169,7 +170,7 @@ def train_one(cfg_dict: dict[str, Any], out: Path, tracking_uri: str, *, fresh: 
 
     t0 = time.perf_counter()
     outcome = run(cfg, checkpoint_dir=ckpt_dir, tracking_uri=tracking_uri, on_epoch=on_epoch, log=log,
-                  extra_tags={"zosam.benchmark": "accuracy"})
+                  report=eprint, extra_tags={"zosam.benchmark": "accuracy"})  # a run's table is progress here
     record = {
         "name": cfg.name, "status": outcome.status, "reason": outcome.reason, "run_id": outcome.run_id,
         "host": cfg.sparse.method, "optimizer": cfg.optimizer.name, "density": cfg.sparse.density,
@@ -271,9 +272,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         RunConfig.from_dict(c)
     records = []
     t0 = time.perf_counter()
-    for i, c in enumerate(configs):
-        print(f"[{time.perf_counter() - t0:7.0f}s] run {i + 1}/{len(configs)}: {c['name']}", flush=True)
-        rec = train_one(c, out, uri, fresh=args.fresh, log=None if args.quiet else print)
+    for i, c in enumerate(progress_bar(configs, desc="accuracy", unit="run")):
+        eprint(f"[{time.perf_counter() - t0:7.0f}s] run {i + 1}/{len(configs)}: {c['name']}")
+        rec = train_one(c, out, uri, fresh=args.fresh, log=None if args.quiet else eprint)
         records.append(rec)
         _write_results(out, args, s, records)
     rows = aggregate(records)

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from zosam.bench import emit
+from zosam.cliargs import add_tracking_uri
 
 RUN = {"seed": 0, "epochs": 1, "max_steps_per_epoch": 4,
        "data": {"name": "digits", "image_size": 8, "batch_size": 32, "eval_batch_size": 512},
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zosam bench cluster-overhead", description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=6)
     p.add_argument("--nodes", type=int, nargs="+", default=[1, 3], choices=[1, 2, 3, 4])
-    p.add_argument("--mlflow", default=None, metavar="URI", help="also log to this MLflow tracking URI")
+    add_tracking_uri(p, "--mlflow", dest="mlflow", help="also log to this MLflow tracking URI")
     return p
 
 

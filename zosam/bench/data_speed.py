@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from zosam.bench import emit
+from zosam.cliargs import add_tracking_uri
 from zosam.data import DataConfig, load_dataset, make_loaders
 from zosam.models import create_model
 
@@ -150,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--decode", action="store_true",
                    help="also time the one-off decode of the archive (into a temporary cache)")
-    p.add_argument("--mlflow-uri", default=None)
+    add_tracking_uri(p, "--mlflow-uri", dest="mlflow_uri", help="also log to this MLflow tracking URI")
     p.add_argument("--deit", action="store_true", help="time DeiT's ImageNet input pipeline on JPEGs instead")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="--deit: DataLoader worker counts")
     p.add_argument("--jpeg-size", default="500x375", help="--deit: JPEG size WxH (ImageNet's most common)")

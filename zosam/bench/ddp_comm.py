@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from zosam.bench import emit
+from zosam.cliargs import add_tracking_uri
 
 DEFAULT_METHODS = ["sgd", "sam", "zosam:q=1", "zosam:q=2"]
 
@@ -149,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
     p.add_argument("--steps", type=int, default=3, help="measured steps after one warm-up step")
-    p.add_argument("--mlflow", default=None, metavar="URI", help="also log to this MLflow tracking URI")
+    add_tracking_uri(p, "--mlflow", dest="mlflow", help="also log to this MLflow tracking URI")
     return p
 
 

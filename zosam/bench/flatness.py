@@ -10,7 +10,7 @@ method does what SAM does. Every run goes through the project's own machinery
 ``OPTIMIZERS`` registry), so any registered optimizer and hyperparameters work:
 ``--methods sgd sam zosam:q=4 zosam:directions=guided rwp``.
 
-Settings (``SETTINGS``; ``--set key=value`` overrides any run-config field of all of them):
+Settings (``SETTINGS``; ``key=value`` arguments override any run-config field of all of them):
 
 - ``digits``: scikit-learn digits at 8x8 (1,438 training, 359 test images), an MLP
   192-256-256-10, 40 epochs, batch 64, SGD momentum 0.9, lr 0.1 cosine, wd 5e-4, no
@@ -93,6 +93,8 @@ from zosam.bench.flatness_grid import (
 from zosam.bench.flatness_measures import gradient_variance, hessian_vector_product, sam_gap, top_hessian_eigenvalue
 from zosam.bench.flatness_report import RESULTS_FILE, decision_text, write_report
 from zosam.bench.flatness_run import run_one
+from zosam.cliargs import add_key_values, parse_args
+from zosam.console import eprint, progress_bar
 from zosam.validate import choice, in_range
 
 __all__ = [
@@ -114,8 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rho grid for methods that take rho and do not set it (default: the setting's; "
                         "digits 0.1 0.3, cifar 0.05)")
     p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 5)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a run-config field in every setting, e.g. --set epochs=5 (repeatable)")
+    add_key_values(p, help="override a run-config field in every setting, e.g. epochs=5")
     p.add_argument("--quick", action="store_true",
                    help="digits, noise 0 and 0.4, 2 seeds, 10 epochs, sgd sam zosam rwp at rho 0.3 "
                         "(explicit flags still win)")
@@ -156,7 +157,7 @@ def _job_id(job: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = parse_args(build_parser(), list(sys.argv[1:] if argv is None else argv))
     from zosam.config import RunConfig
 
     g = _resolve(args)
@@ -215,10 +216,14 @@ def _train_all(todo: list[tuple[str, dict[str, Any]]], records: dict[str, dict[s
         (out / "runs" / f"{jid}.json").write_text(json.dumps(rec, indent=1, default=str))
         acc = f"test {100 * rec['test_acc']:.1f} %  top eig {rec['top_eig']:.3g}" if rec["status"] == "finished" \
             else f"FAILED: {rec['reason']}"
-        print(f"[{time.perf_counter() - t0:6.0f}s] {i}/{len(todo)} {rec['config']['name']}: {acc}", flush=True)
+        eprint(f"[{time.perf_counter() - t0:6.0f}s] {i}/{len(todo)} {rec['config']['name']}: {acc}")
+        bar.update()
+        if i == len(todo):
+            bar.close()
 
     if not todo:
         return
+    bar = progress_bar(total=len(todo), desc="flatness", unit="run")
     if jobs == 1 or len(todo) <= 1:
         for i, (jid, j) in enumerate(todo, 1):
             done(jid, run_one(j), i)

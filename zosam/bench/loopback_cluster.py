@@ -36,6 +36,25 @@ RAY_BUCKET, MLFLOW_BUCKET = "zosam-ray", "zosam-mlflow"
 BIN = Path(sys.executable).parent
 
 
+def ray_address_file() -> Path:
+    """Where ``ray start`` and ``ray.init`` record the latest local cluster's address
+    (``<tmp>/ray/ray_current_cluster``, the file ``ray.init(address="auto")`` reads).
+
+    Ray has no public function for this path, so Ray's documented rule is written out here
+    (``$RAY_TMPDIR``, else ``$TMPDIR`` on Linux, else ``/tmp``; then ``ray/``);
+    tests/test_packaging.py::test_ray_address_file_matches_ray compares it with Ray's own.
+    """
+    if "RAY_TMPDIR" in os.environ:
+        base = os.environ["RAY_TMPDIR"]
+    elif sys.platform.startswith("linux") and "TMPDIR" in os.environ:
+        base = os.environ["TMPDIR"]
+    elif sys.platform.startswith(("linux", "darwin")):
+        base = "/tmp"
+    else:
+        base = tempfile.gettempdir()
+    return Path(base) / "ray" / "ray_current_cluster"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -135,10 +154,9 @@ def loopback_cluster(num_workers: int = 2, cpus_per_worker: float = 1, tmp: str 
     # Before Ray is imported: Ray reads the loopback switch when it loads.
     os.environ.update({**ENV, "MLFLOW_S3_ENDPOINT_URL": endpoint})
     import ray
-    from ray._private.utils import get_ray_address_file
     from ray.cluster_utils import Cluster
 
-    address_file = Path(get_ray_address_file(None))
+    address_file = ray_address_file()
     previous_address = address_file.read_text() if address_file.is_file() else None
     procs: dict[str, subprocess.Popen] = {}
     cluster = None

@@ -28,6 +28,7 @@ import torch
 from zosam.bench import emit
 from zosam.bench.accuracy import RESULTS_FILE, read_results
 from zosam.bench.accuracy_aggregate import group
+from zosam.console import eprint, progress_bar
 from zosam.stats import mean_std
 
 
@@ -161,13 +162,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cset = CorruptionSet.open(folder)
     device = torch.device(args.device)
     evaluated = []
-    for r in runs:
+    for r in progress_bar(runs, desc="robustness", unit="run"):
         model = load_model(r["checkpoint"], bundle.num_classes, device)
         blocks = evaluate_run(model, clean, cset, mean=bundle.mean, std=bundle.std, batch_size=args.batch_size,
                               device=device)
         evaluated.append({**{k: r[k] for k in ("name", "host", "optimizer", "density", "seed", "checkpoint")},
                           "final_test_acc": r["summary"].get("final_test_acc"), "blocks": blocks})
-        print(f"{r['name']}: clean {blocks['clean']:.4f}  corrupted {corrupted_mean(blocks):.4f}", flush=True)
+        eprint(f"{r['name']}: clean {blocks['clean']:.4f}  corrupted {corrupted_mean(blocks):.4f}")
     rows = aggregate(evaluated, cset.severities)
     (out / "robustness_results.json").write_text(json.dumps({"set": str(folder), "label": cset.label,
                                                              "runs": evaluated, "rows": rows}, indent=1))

@@ -29,7 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from zosam.bench import emit
+from zosam.cliargs import add_tracking_uri
 from zosam.config import parse_value
+from zosam.console import progress_bar
 from zosam.models import create_model
 from zosam.optim import OPTIMIZERS, PerturbationOptimizer, make_closure
 
@@ -157,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", action="store_true", help="autocast (bf16 on CPU, fp16 + GradScaler on CUDA)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    p.add_argument("--mlflow", default=None, metavar="URI", help="also log to this MLflow tracking URI")
+    add_tracking_uri(p, "--mlflow", dest="mlflow", help="also log to this MLflow tracking URI")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -177,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     fwd_inputs = {f: setups["sgd"][4][: max(1, math.ceil(f * args.batch_size))] for f in fractions}
     times: dict[str, list[float]] = {m: [] for m in methods}
     fwd_times: dict[float, list[float]] = {f: [] for f in fractions}
-    for r in range(args.warmup + args.rounds):
+    for r in progress_bar(range(args.warmup + args.rounds), desc="step-cost", unit="round"):
         for m, (_, opt, closure, scaler, _) in setups.items():
             dt = _timed_step(opt, closure, scaler, device)
             if r >= args.warmup:

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from zosam.data.cifar10c import ALL_CORRUPTIONS, BENCHMARK_CORRUPTIONS, GENERATED_LABEL, SEVERITIES
+from zosam.extras import require
 from zosam.validate import choice, in_range
 
 # CIFAR-10-C's severity constants (make_cifar_c.py), one entry per severity 1..5.
@@ -99,6 +100,9 @@ def _center_zoom(img: np.ndarray, factor: float) -> np.ndarray:
 def _corrupt_cifar(x: np.ndarray, name: str, severity: int, rng: np.random.Generator,
                    seed: int) -> np.ndarray:
     """One HxWx3 uint8 image at CIFAR-10-C constants; returns float in [0, 255]."""
+    # ic._motion_blur and ic._shuffle_pixels_njit_glass_blur are private: the package has no
+    # public form taking CIFAR-10-C's constants. The version is pinned (pyproject.toml) and
+    # tests/test_packaging.py::test_imagecorruptions_private_helpers fails first if they change.
     import cv2
     from imagecorruptions import corruptions as ic
 
@@ -236,6 +240,7 @@ def _corrupt_imagenet(x: np.ndarray, name: str, severity: int, seed: int) -> np.
 def corrupt_image(x: np.ndarray, name: str, severity: int, seed: int,
                   constants: str = "cifar") -> np.ndarray:
     """Corrupt one HxWx3 uint8 image; returns uint8. Deterministic in ``seed``."""
+    require("robustness", "corrupting images (zosam.data.corrupt_image)")
     rng = np.random.default_rng(seed)
     if constants == "cifar" and name in CIFAR_CONSTANTS:
         out = _corrupt_cifar(x, name, severity, rng, seed)
@@ -289,6 +294,7 @@ def generate_cifar10c(
         processes: worker processes (1: in-process).
         source: free text recorded in the metadata (e.g. ``"cifar10-jpeg test split"``).
     """
+    require("robustness", "generating CIFAR-10-C (zosam.data.generate_cifar10c)")
     choice("constants", constants, ("cifar", "imagenet"))
     for c in corruptions:
         choice("corruption", c, ALL_CORRUPTIONS)
