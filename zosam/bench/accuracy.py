@@ -47,6 +47,7 @@ from typing import Any
 from zosam.bench import emit
 from zosam.bench.accuracy_aggregate import COLUMNS, aggregate
 from zosam.console import eprint, progress_bar
+from zosam.optim import OPTIMIZERS
 
 RESULTS_FILE = "accuracy_results.json"
 EXPERIMENT = "zosam-accuracy"
@@ -131,8 +132,9 @@ def run_config(s: dict[str, Any], *, dataset: str, host: str, optimizer: str, de
         "data": {"name": dataset, "train_subset": s["train_subset"], "test_subset": s["test_subset"],
                  "batch_size": s["batch_size"], "eval_batch_size": 500},
         "model": model,
-        "optimizer": {"name": optimizer, "base": "sgd", "lr": s["lr"], "momentum": 0.9, "weight_decay": 5.0e-4,
-                      **OPTIMIZER_HYPER[optimizer]},
+        # "sgd" is the benchmarks' label for the base optimizer (SGD with momentum) alone
+        "optimizer": {"name": OPTIMIZERS.canonical(optimizer), "base": "sgd", "lr": s["lr"], "momentum": 0.9,
+                      "weight_decay": 5.0e-4, **OPTIMIZER_HYPER[optimizer]},
         "sparse": {"method": host, "distribution": "erk", "density": density,
                    "update_interval": s["update_interval"], "drop_fraction": 0.3, "drop_schedule": "cosine",
                    "end_fraction": 0.75},

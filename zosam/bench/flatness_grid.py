@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from zosam.bench.step_cost import parse_method
+from zosam.optim import OPTIMIZERS
 
 BASELINE, REFERENCE = "sgd", "sam"
 GUIDED = "zosam:directions=guided"
@@ -42,9 +43,7 @@ QUICK = {"settings": ["digits"], "noise": [0.0, 0.4], "seeds": 2, "methods": ["s
 
 def radius_param(name: str) -> str | None:
     """The optimizer's perturbation radius: ``rho``, else ``rho_max`` (GSAM's scheduled radius), else None."""
-    from zosam.optim import OPTIMIZERS
-
-    params = inspect.signature(OPTIMIZERS.get(name)).parameters
+    params = inspect.signature(OPTIMIZERS.get(OPTIMIZERS.canonical(name))).parameters
     return next((k for k in ("rho", "rho_max") if k in params), None)
 
 
@@ -61,7 +60,8 @@ def run_config(setting: str, *, name: str, kwargs: dict[str, Any], rho: float | 
     from zosam.config import apply_overrides
 
     s = SETTINGS[setting]
-    opt = {"name": name, **_COMMON_OPT, "lr": s["lr"], **kwargs}
+    # "sgd" is the benchmarks' label for the base optimizer (SGD with momentum) alone
+    opt = {"name": OPTIMIZERS.canonical(name), **_COMMON_OPT, "lr": s["lr"], **kwargs}
     if rho is not None:
         opt[radius_param(name) or "rho"] = rho
     cfg = {"seed": seed, "epochs": s["epochs"], "device": device,
