@@ -229,16 +229,21 @@ class EvalConfig:
 
 @dataclass
 class TrackingConfig:
-    """MLflow: ``uri`` (default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlflow.db``)."""
+    """MLflow: ``uri`` (default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlflow.db``);
+    ``log_model``: log the final model as an MLflow LoggedModel (costs its size on disk);
+    ``system_metrics``: sample CPU/memory/GPU into ``system/*`` metrics while the run trains."""
 
     enabled: bool = True
     uri: str | None = None
     experiment: str = "zosam"
+    log_model: bool = True
+    system_metrics: bool = True
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrackingConfig:
         c = cls(**d)
-        choice("enabled", c.enabled, (True, False))
+        for flag in ("enabled", "log_model", "system_metrics"):
+            choice(flag, getattr(c, flag), (True, False))
         if c.uri is not None:
             check_tracking_uri_format("uri", c.uri)
         check_experiment_name("experiment", c.experiment)

@@ -28,7 +28,7 @@ from zosam.validate import ConfigError, check_writable_dir
 
 # Fields that may differ on resume: where things are, not what is trained.
 RESUME_IGNORED = {"checkpoint.dir", "checkpoint.keep", "tracking.uri", "device", "data.data_dir", "data.cache_dir",
-                  "data.archive", "data.num_workers"}
+                  "data.archive", "data.num_workers", "tracking.log_model", "tracking.system_metrics"}
 CONFIG_CHANGE_TAG = "zosam.config_changed"
 
 
@@ -187,6 +187,11 @@ def run(
             logger.log_params(flatten(cfg.to_dict()))
             logger.log_dict(cfg.to_dict(), "config.yaml")
             logger.set_tags({"zosam.data_label": trainer.data.label})
+            if cfg.tracking.system_metrics:
+                logger.start_system_metrics(resume=trainer.start_epoch > 0)
+            if trainer.start_epoch == 0:
+                logger.log_dataset(trainer.data.name, {"train": trainer.data.train, "test": trainer.data.test},
+                                   source=trainer.data.label, meta=trainer.data.meta)
             if changes:
                 _record_config_change(logger, changes, trainer.start_epoch)
             logged |= logger.logged_steps()
@@ -249,7 +254,9 @@ def _record_config_change(logger: RunLogger, changes: list[tuple[str, str | None
 
 
 def _log_final(logger: RunLogger, trainer: Trainer, summary: dict[str, Any]) -> None:
-    logger.log_metrics({k: v for k, v in summary.items() if v is not None})
+    model_id = (logger.log_model(trainer.model, input_shape=trainer.data.input_shape)
+                if trainer.cfg.tracking.log_model else None)
+    logger.log_metrics({k: v for k, v in summary.items() if v is not None}, model_id=model_id)
     if not trainer.cfg.sparse.is_dense:
         report = trainer.masking.report()
         rows = ["| layer | density | weights |", "|---|---|---|"]

@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,7 +24,9 @@ from zosam.validate import ConfigError, check_tracking_uri_format, check_writabl
 
 STATUS_TAG, REASON_TAG, KEY_TAG = "zosam.status", "zosam.failure_reason", "zosam.run_key"
 KEY_HASH_TAG = "zosam.run_key_sha256"  # what lookups filter on: hex only, nothing to escape
+MODEL_ID_TAG = "zosam.model_id"  # the run's final model (an MLflow LoggedModel id)
 CONNECT_TIMEOUT_S = 5.0
+SYSTEM_METRICS_INTERVAL_S = 10.0  # one CPU/memory/GPU sample per 10 s: a few points per short run, cheap
 
 
 class TrackingError(RuntimeError):
@@ -242,13 +244,15 @@ class RunLogger:
         return {m.step for m in self.client.get_metric_history(self.run_id, metric)}
 
     @_tracked
-    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None, *,
+                    model_id: str | None = None) -> None:
+        """Numeric values only; ``model_id`` links them to a logged model as well as the run."""
         import time
 
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        batch = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()
+        batch = [Metric(k, float(v), ts, step or 0, model_id=model_id) for k, v in metrics.items()
                  if isinstance(v, int | float) and not isinstance(v, bool)]
         for i in range(0, len(batch), 500):
             self.client.log_batch(self.run_id, metrics=batch[i:i + 500])
@@ -276,14 +280,103 @@ class RunLogger:
             self.log_file(path, str(Path(artifact_file).parent) if "/" in artifact_file else None)
 
     @_tracked
+    def log_model(self, model, *, input_shape: Sequence[int], name: str = "model") -> str:
+        """Log ``model`` (a ``torch.nn.Module``) as an MLflow LoggedModel of this run; returns its id
+        (also set as the run's ``zosam.model_id`` tag). A CPU copy in eval mode is logged, with a
+        signature (a float32 batch of ``input_shape`` -> logits), so it loads anywhere::
+
+            mlflow.pytorch.load_model(f"models:/{model_id}")
+        """
+        import copy
+
+        import mlflow
+        import mlflow.pytorch
+        import numpy as np
+        import torch
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        cpu = copy.deepcopy(model).to("cpu", torch.float32).eval()
+        with torch.no_grad():
+            classes = int(cpu(torch.zeros(1, *input_shape)).shape[-1])
+        signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape))]),
+                                   outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes))]))
+        # log_model links the model to the active run: this run, for the duration of the call only.
+        mlflow.set_tracking_uri(self.uri)
+        with mlflow.start_run(run_id=self.run_id):
+            info = mlflow.pytorch.log_model(cpu, name=name, signature=signature)
+        self.client.update_run(self.run_id, status="RUNNING")  # start_run's exit ended it; end() does that
+        self.client.set_tag(self.run_id, MODEL_ID_TAG, info.model_id)
+        return info.model_id
+
+    @_tracked
+    def log_dataset(self, name: str, splits: Mapping[str, Any], *, source: str,
+                    meta: Mapping[str, Any] | None = None) -> dict[str, str]:
+        """Record the run's data set with ``mlflow.data``: one input per split (context
+        ``train`` / ``test``), named ``name``, with a digest of the split's content (its
+        tensors when it holds them, else ``meta``) and the subset sizes as its profile.
+        Returns the digests by split."""
+        import json
+
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs, digests = [], {}
+        for split, data in splits.items():
+            digest = _content_digest(data, {"name": name, "split": split, **(meta or {})})
+            ds = MetaDataset(CodeDatasetSource({"source": source, "split": split}), name=name, digest=digest)
+            entity = Dataset(**{**ds.to_dict(), "profile": json.dumps({"split": split, "num_examples": len(data),
+                                                                       **{k: v for k, v in (meta or {}).items()
+                                                                          if "subset" in k or "size" in k}})})
+            inputs.append(DatasetInput(entity, [InputTag("mlflow.data.context", split)]))
+            digests[split] = digest
+        self.client.log_inputs(self.run_id, datasets=inputs)
+        return digests
+
+    def start_system_metrics(self, *, resume: bool = False, interval_s: float = SYSTEM_METRICS_INTERVAL_S) -> bool:
+        """Sample CPU, memory, disk, network (and GPU when MLflow finds one) into this run's
+        ``system/*`` metrics until ``end``. Needs psutil; without it, says so once and returns False."""
+        try:
+            import psutil  # noqa: F401  (MLflow's monitors need it)
+        except ImportError:
+            logging.getLogger(__name__).warning("system metrics are off: psutil is not installed")
+            return False
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s, samples_before_logging=1,
+                                             resume_logging=resume, tracking_uri=self.uri)
+        self._monitor.start()
+        return True
+
+    def stop_system_metrics(self) -> None:
+        monitor, self._monitor = getattr(self, "_monitor", None), None
+        if monitor is not None:
+            with contextlib.suppress(Exception):  # the last sample is not worth failing a run over
+                monitor.finish()
+
+    @_tracked
     def end(self, status: str, reason: str | None = None) -> None:
         """``status``: ``finished``, ``stopped_early`` or ``failed`` (MLflow: FINISHED/KILLED/FAILED)."""
+        self.stop_system_metrics()
         tags = {STATUS_TAG: status}
         if reason:
             tags[REASON_TAG] = reason[:5000]
         self.set_tags(tags)
         mlflow_status = {"finished": "FINISHED", "stopped_early": "KILLED", "failed": "FAILED"}[status]
         self.client.set_terminated(self.run_id, status=mlflow_status)
+
+
+def _content_digest(data: Any, meta: Mapping[str, Any]) -> str:
+    """A short sha256 of a split: its images and labels when it holds them as tensors, plus ``meta``."""
+    import json
+
+    h = hashlib.sha256(json.dumps(dict(meta), sort_keys=True, default=str).encode())
+    for attr in ("images", "labels"):
+        t = getattr(data, attr, None)
+        if t is not None and hasattr(t, "numpy"):
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def learning_curve_figure(history: list[dict[str, Any]], title: str = ""):
