@@ -188,7 +188,7 @@ def run(
             logger.log_dict(cfg.to_dict(), "config.yaml")
             logger.set_tags({"zosam.data_label": trainer.data.label})
             if cfg.tracking.system_metrics:
-                logger.start_system_metrics(resume=trainer.start_epoch > 0)
+                logger.start_system_metrics(resume=trainer.start_epoch > 0, interval_s=cfg.tracking.system_metrics)
             if trainer.start_epoch == 0:
                 logger.log_dataset(trainer.data.name, {"train": trainer.data.train, "test": trainer.data.test},
                                    source=trainer.data.label, meta=trainer.data.meta)
@@ -219,6 +219,9 @@ def run(
     except SystemExit as e:  # Ray Tune stops a trial with sys.exit(0) inside its report
         if logger is not None:
             stopped = e.code in (0, None)
+            if stopped and cfg.tracking.log_model:  # the scheduler's stop is this trial's end: keep its model
+                with contextlib.suppress(TrackingError):
+                    logger.log_model(trainer.model, input_shape=trainer.data.input_shape)
             logger.end("stopped_early" if stopped else "failed",
                        f"stopped after epoch {len(trainer.history)}" if stopped else f"exited with status {e.code}")
         raise

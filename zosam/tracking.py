@@ -143,6 +143,19 @@ def _quiet_mlflow_db_errors() -> None:
         log.addFilter(_OneLine())
 
 
+class _DropPickleWarning(logging.Filter):
+    """MLflow warns on every pickled PyTorch model; ours are our own, loaded by our users."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Pickle or CloudPickle" not in record.getMessage()
+
+
+def _quiet_mlflow_pickle_warning() -> None:
+    log = logging.getLogger("mlflow.pytorch")
+    if not any(isinstance(f, _DropPickleWarning) for f in log.filters):
+        log.addFilter(_DropPickleWarning())
+
+
 def client(uri: str):
     """An ``MlflowClient``; a sqlite store's schema is created once, under :func:`store_lock`."""
     from mlflow.tracking import MlflowClient
@@ -304,7 +317,12 @@ class RunLogger:
         # log_model links the model to the active run: this run, for the duration of the call only.
         mlflow.set_tracking_uri(self.uri)
         with mlflow.start_run(run_id=self.run_id):
-            info = mlflow.pytorch.log_model(cpu, name=name, signature=signature)
+            # The pickled module (not a traced pt2 graph): sparse models and any batch size load as trained.
+            # Requirements given, not inferred (inference runs a subprocess: ~8 s a model). Loading
+            # needs zosam importable too (the model classes are pickled by reference).
+            _quiet_mlflow_pickle_warning()
+            info = mlflow.pytorch.log_model(cpu, name=name, signature=signature, serialization_format="pickle",
+                                            pip_requirements=mlflow.pytorch.get_default_pip_requirements())
         self.client.update_run(self.run_id, status="RUNNING")  # start_run's exit ended it; end() does that
         self.client.set_tag(self.run_id, MODEL_ID_TAG, info.model_id)
         return info.model_id
@@ -334,9 +352,10 @@ class RunLogger:
         self.client.log_inputs(self.run_id, datasets=inputs)
         return digests
 
-    def start_system_metrics(self, *, resume: bool = False, interval_s: float = SYSTEM_METRICS_INTERVAL_S) -> bool:
-        """Sample CPU, memory, disk, network (and GPU when MLflow finds one) into this run's
-        ``system/*`` metrics until ``end``. Needs psutil; without it, says so once and returns False."""
+    def start_system_metrics(self, *, resume: bool = False, interval_s: float | bool = True) -> bool:
+        """Every ``interval_s`` seconds (``True``: ``SYSTEM_METRICS_INTERVAL_S``), sample CPU, memory,
+        disk, network (and GPU when MLflow finds one) into this run's ``system/*`` metrics until
+        ``end``. Needs psutil; without it, says so once and returns False."""
         try:
             import psutil  # noqa: F401  (MLflow's monitors need it)
         except ImportError:
@@ -344,7 +363,8 @@ class RunLogger:
             return False
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s, samples_before_logging=1,
+        interval = SYSTEM_METRICS_INTERVAL_S if interval_s is True else float(interval_s)
+        self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval, samples_before_logging=1,
                                              resume_logging=resume, tracking_uri=self.uri)
         self._monitor.start()
         return True

@@ -27,7 +27,11 @@ def register_best(uri: str, name: str, trial: dict[str, Any], *, sweep: str) -> 
     if not c.search_registered_models(filter_string=f"name = '{name}'", max_results=1):
         c.create_registered_model(name, tags={"zosam.sweep": sweep},
                                   description=f"best model of the zosam sweep {sweep!r} (alias '{BEST_ALIAS}')")
-    mv = c.create_model_version(name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id,
-                                tags={"zosam.sweep": sweep, "zosam.trial_id": str(trial["trial_id"])})
+    import mlflow
+
+    # register_model resolves ``models:/<id>`` through the process's tracking URI: this store's.
+    mlflow.set_tracking_uri(uri)
+    mv = mlflow.register_model(f"models:/{model_id}", name,
+                               tags={"zosam.sweep": sweep, "zosam.trial_id": str(trial["trial_id"])})
     c.set_registered_model_alias(name, BEST_ALIAS, mv.version)
     return {"name": name, "version": str(mv.version), "model_id": model_id}
