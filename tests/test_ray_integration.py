@@ -138,6 +138,12 @@ def test_resume_after_the_driver_is_killed(tmp_path: Path) -> None:
         kill_tree(proc, seen)
     done_before = sum("trials done" in ln for ln in lines)
     assert done_before >= 1
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'ray' / 'optuna.db'}"  # the study persisted beside the sweep's outputs
+    before = optuna.load_study(study_name="resume", storage=storage)
+    n_before = len(before.trials)
+    assert 1 <= n_before < 4
 
     proc = _sweep_cli(path, tmp_path, "--resume")
     try:
@@ -159,6 +165,13 @@ def test_resume_after_the_driver_is_killed(tmp_path: Path) -> None:
     assert (kids["metrics.epoch_time_s"] > 0).all()
     trials = yaml.safe_load(mlflow.artifacts.load_text(parents["artifact_uri"][0] + "/trials.yaml"))["trials"]
     assert len(trials) == 4 and {t["status"] for t in trials} == {"finished"}
+    after = optuna.load_study(study_name="resume", storage=storage)  # the same study, continued
+    assert optuna.get_all_study_names(storage) == ["resume"]
+    assert after.trials[0].datetime_start == before.trials[0].datetime_start
+    assert [t.number for t in after.trials] == list(range(len(after.trials)))
+    complete = after.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(after.trials) > n_before and len(complete) == 4
+    assert sorted(t.value for t in complete) == pytest.approx(sorted(t["test_acc"] for t in trials))
 
 
 # -- the shared local Ray -----------------------------------------------------------------------
