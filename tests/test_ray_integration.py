@@ -369,7 +369,7 @@ def _check_study_and_models(result, uri: str, spec: dict[str, Any]) -> None:
     c = MlflowClient(uri)
     parent = c.get_run(result.parent_run_id)
     best = result.best[0]
-    assert parent.data.metrics["best_test_acc"] == pytest.approx(best["test_acc"])
+    assert parent.data.metrics["best_trial.test_acc"] == pytest.approx(best["test_acc"])
     assert parent.data.metrics["importance.sparse.method"] == pytest.approx(result.importances["sparse.method"])
     plots = {a.path for a in c.list_artifacts(result.parent_run_id, "plots")}
     assert {"plots/optimization_history.png", "plots/param_importances.png",

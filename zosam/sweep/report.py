@@ -67,13 +67,14 @@ def best_trials(spec: SweepSpec, trials: list[dict[str, Any]]) -> list[dict[str,
 
 
 def best_metrics(spec: SweepSpec, best: list[dict[str, Any]]) -> dict[str, float]:
-    """``best_<metric>`` for each objective: the best value among the best trials (the
-    parent run's sortable summary in the MLflow UI)."""
+    """``best_trial.<metric>`` for each objective: the best value among the best trials (the
+    parent run's sortable summary in the MLflow UI; a trial's own ``best_test_acc`` is its
+    best epoch, a different thing)."""
     out = {}
     for o in spec.objectives:
         values = [t[o["metric"]] for t in best if t.get(o["metric"]) is not None]
         if values:
-            out[f"best_{o['metric']}"] = float(max(values) if o["mode"] == "max" else min(values))
+            out[f"best_trial.{o['metric']}"] = float(max(values) if o["mode"] == "max" else min(values))
     return out
 
 
