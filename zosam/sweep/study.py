@@ -152,6 +152,7 @@ def figures(study, metrics: Sequence[str], *, seed: int = 0) -> dict[str, Any]:
     out = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", UserWarning)  # matplotlib on one-trial axes: not the user's concern
         for file, plot in plots.items():
             ax = plot()
             ax = ax.flat[0] if hasattr(ax, "flat") else ax
