@@ -259,14 +259,18 @@ class RunLogger:
     @_tracked
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None, *,
                     model_id: str | None = None) -> None:
-        """Numeric values only; ``model_id`` links them to a logged model as well as the run."""
+        """Numeric values only; ``model_id`` links them to a logged model as well as the run (and
+        those named ``*test*`` to the run's ``test`` data set, when ``log_dataset`` recorded one)."""
         import time
 
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        batch = [Metric(k, float(v), ts, step or 0, model_id=model_id) for k, v in metrics.items()
-                 if isinstance(v, int | float) and not isinstance(v, bool)]
+        test = getattr(self, "_test_dataset", (None, None)) if model_id else (None, None)
+        batch = [Metric(k, float(v), ts, step or 0, model_id=model_id,
+                        **dict(zip(("dataset_name", "dataset_digest"), test if "test" in k else (None, None),
+                                   strict=True)))
+                 for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)]
         for i in range(0, len(batch), 500):
             self.client.log_batch(self.run_id, metrics=batch[i:i + 500])
 
@@ -323,6 +327,9 @@ class RunLogger:
             _quiet_mlflow_pickle_warning()
             info = mlflow.pytorch.log_model(cpu, name=name, signature=signature, serialization_format="pickle",
                                             pip_requirements=mlflow.pytorch.get_default_pip_requirements())
+        # log_model makes the model the process's "active model", which would link every later
+        # metric (system metrics, the next run in this worker) to it: only ours are linked.
+        mlflow.clear_active_model()
         self.client.update_run(self.run_id, status="RUNNING")  # start_run's exit ended it; end() does that
         self.client.set_tag(self.run_id, MODEL_ID_TAG, info.model_id)
         return info.model_id
@@ -349,6 +356,8 @@ class RunLogger:
                                                                           if "subset" in k or "size" in k}})})
             inputs.append(DatasetInput(entity, [InputTag("mlflow.data.context", split)]))
             digests[split] = digest
+        if "test" in digests:
+            self._test_dataset = (name, digests["test"])
         self.client.log_inputs(self.run_id, datasets=inputs)
         return digests
 
