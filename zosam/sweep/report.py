@@ -141,6 +141,7 @@ def _log_study(parent: RunLogger, spec: SweepSpec, storage) -> dict[str, float]:
     import matplotlib.pyplot as plt
 
     st = optuna_study.load(storage, spec.name)
+    optuna_study.name_objectives(st, [o["metric"] for o in spec.objectives])
     seed = spec.search["seed"]
     importances = optuna_study.param_importances(st, seed=seed)
     if importances:

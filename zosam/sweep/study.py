@@ -105,6 +105,15 @@ def load(storage, name: str):
     return optuna.load_study(study_name=name, storage=storage)
 
 
+def name_objectives(study, metrics: Sequence[str]) -> None:
+    """Name the study's objectives after the sweep's metrics (optuna-dashboard shows them)."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(list(metrics))
+
+
 def _target(study, i: int) -> Callable[[Any], float] | None:
     """Objective ``i`` of a multi-objective study (Optuna's analyses need one number per trial)."""
     return (lambda t: t.values[i]) if len(study.directions) > 1 else None
@@ -112,7 +121,8 @@ def _target(study, i: int) -> Callable[[Any], float] | None:
 
 def param_importances(study, *, seed: int = 0, objective: int = 0) -> dict[str, float]:
     """fANOVA importance of each parameter for objective ``objective`` (empty with fewer than
-    two completed trials). Choices, strings included, are categorical parameters to Optuna."""
+    two completed trials, or when they all scored the same). Choices, strings included, are
+    categorical parameters to Optuna."""
     import optuna
 
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -121,7 +131,11 @@ def param_importances(study, *, seed: int = 0, objective: int = 0) -> dict[str, 
     evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        imp = optuna.importance.get_param_importances(study, evaluator=evaluator, target=_target(study, objective))
+        try:
+            imp = optuna.importance.get_param_importances(study, evaluator=evaluator,
+                                                          target=_target(study, objective))
+        except RuntimeError:  # fANOVA: every trial scored the same ("zero total variance")
+            return {}
     return {k: float(v) for k, v in imp.items()}
 
 
@@ -154,7 +168,10 @@ def figures(study, metrics: Sequence[str], *, seed: int = 0) -> dict[str, Any]:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         warnings.simplefilter("ignore", UserWarning)  # matplotlib on one-trial axes: not the user's concern
         for file, plot in plots.items():
-            ax = plot()
+            try:
+                ax = plot()
+            except RuntimeError:  # importance of trials that all scored the same: nothing to plot
+                continue
             ax = ax.flat[0] if hasattr(ax, "flat") else ax
             out[file] = ax.figure
     return out
