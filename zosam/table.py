@@ -1,4 +1,5 @@
-"""Plain fixed-width text tables: the one formatter of sweep leaderboards and benchmark figures."""
+"""Plain fixed-width text tables for layers below ``zosam.bench`` (the sweep leaderboard): the
+same layout as ``zosam.bench.format_table``, so sweeps need not import the benchmarks."""
 
 from __future__ import annotations
 
