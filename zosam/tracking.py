@@ -143,17 +143,20 @@ def _quiet_mlflow_db_errors() -> None:
         log.addFilter(_OneLine())
 
 
-class _DropPickleWarning(logging.Filter):
-    """MLflow warns on every pickled PyTorch model; ours are our own, loaded by our users."""
+class _DropModelNoise(logging.Filter):
+    """MLflow warns on every pickled PyTorch model (ours are our own, loaded by our users) and
+    announces each cleared active model: one line per run each, saying nothing to act on."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Pickle or CloudPickle" not in record.getMessage()
+        msg = record.getMessage()
+        return "Pickle or CloudPickle" not in msg and "Active model is cleared" not in msg
 
 
 def _quiet_mlflow_pickle_warning() -> None:
-    log = logging.getLogger("mlflow.pytorch")
-    if not any(isinstance(f, _DropPickleWarning) for f in log.filters):
-        log.addFilter(_DropPickleWarning())
+    for name in ("mlflow.pytorch", "mlflow.tracking.fluent"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropModelNoise) for f in log.filters):
+            log.addFilter(_DropModelNoise())
 
 
 def client(uri: str):
@@ -342,6 +345,7 @@ class RunLogger:
         tensors when it holds them, else ``meta``) and the subset sizes as its profile.
         Returns the digests by split."""
         import json
+        import time
 
         from mlflow.data.code_dataset_source import CodeDatasetSource
         from mlflow.data.meta_dataset import MetaDataset
@@ -358,7 +362,18 @@ class RunLogger:
             digests[split] = digest
         if "test" in digests:
             self._test_dataset = (name, digests["test"])
-        self.client.log_inputs(self.run_id, datasets=inputs)
+        # Runs of one experiment (a sweep's trials) record the same data set: the store inserts
+        # its row once, and two inserts at once break its unique key. The host lock orders them
+        # on a sqlite store; a server's store gets one retry, which finds the row there.
+        for attempt in range(2):
+            try:
+                with store_lock(self.uri):
+                    self.client.log_inputs(self.run_id, datasets=inputs)
+                break
+            except Exception:
+                if attempt:
+                    raise
+                time.sleep(0.5)
         return digests
 
     def start_system_metrics(self, *, resume: bool = False, interval_s: float | bool = True) -> bool:
@@ -371,6 +386,9 @@ class RunLogger:
             logging.getLogger(__name__).warning("system metrics are off: psutil is not installed")
             return False
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        # Its start/stop/"no GPU" lines are four INFO lines per run on stderr: warnings only.
+        logging.getLogger("mlflow.system_metrics.system_metrics_monitor").setLevel(logging.WARNING)
 
         interval = SYSTEM_METRICS_INTERVAL_S if interval_s is True else float(interval_s)
         self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval, samples_before_logging=1,
