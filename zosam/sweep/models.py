@@ -24,14 +24,13 @@ def register_best(uri: str, name: str, trial: dict[str, Any], *, sweep: str) -> 
     model_id = c.get_run(run_id).data.tags.get(MODEL_ID_TAG) if run_id else None
     if not model_id:
         return None
-    if not c.search_registered_models(filter_string=f"name = '{name}'", max_results=1):
-        c.create_registered_model(name, tags={"zosam.sweep": sweep},
-                                  description=f"best model of the zosam sweep {sweep!r} (alias '{BEST_ALIAS}')")
     import mlflow
 
     # register_model resolves ``models:/<id>`` through the process's tracking URI: this store's.
     mlflow.set_tracking_uri(uri)
     mv = mlflow.register_model(f"models:/{model_id}", name,
                                tags={"zosam.sweep": sweep, "zosam.trial_id": str(trial["trial_id"])})
+    c.update_registered_model(name, description=f"best model of the zosam sweep {sweep!r} (alias '{BEST_ALIAS}')")
+    c.set_registered_model_tag(name, "zosam.sweep", sweep)
     c.set_registered_model_alias(name, BEST_ALIAS, mv.version)
     return {"name": name, "version": str(mv.version), "model_id": model_id}
