@@ -138,6 +138,12 @@ def test_resume_after_the_driver_is_killed(tmp_path: Path) -> None:
         kill_tree(proc, seen)
     done_before = sum("trials done" in ln for ln in lines)
     assert done_before >= 1
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'ray' / 'optuna.db'}"  # the study persisted beside the sweep's outputs
+    before = optuna.load_study(study_name="resume", storage=storage)
+    n_before = len(before.trials)
+    assert 1 <= n_before < 4
 
     proc = _sweep_cli(path, tmp_path, "--resume")
     try:
@@ -159,6 +165,13 @@ def test_resume_after_the_driver_is_killed(tmp_path: Path) -> None:
     assert (kids["metrics.epoch_time_s"] > 0).all()
     trials = yaml.safe_load(mlflow.artifacts.load_text(parents["artifact_uri"][0] + "/trials.yaml"))["trials"]
     assert len(trials) == 4 and {t["status"] for t in trials} == {"finished"}
+    after = optuna.load_study(study_name="resume", storage=storage)  # the same study, continued
+    assert optuna.get_all_study_names(storage) == ["resume"]
+    assert after.trials[0].datetime_start == before.trials[0].datetime_start
+    assert [t.number for t in after.trials] == list(range(len(after.trials)))
+    complete = after.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(after.trials) > n_before and len(complete) == 4
+    assert sorted(t.value for t in complete) == pytest.approx(sorted(t["test_acc"] for t in trials))
 
 
 # -- the shared local Ray -----------------------------------------------------------------------
@@ -283,7 +296,10 @@ def test_optuna_asha_sweep_logs_one_child_per_trial(ray_local: Path, tmp_path: P
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = sweep_spec("asha", num_trials=5)
     spec["space"]["optimizer.lr"] = {"choice": [0.3, 1.0e12]}
-    good = {"optimizer.rho": 0.05, "optimizer.mu": 1e-3, "optimizer.q": 1, "optimizer.lr": 0.3}
+    spec["base"]["tracking"]["system_metrics"] = 0.5  # trials last seconds: sample twice a second
+    spec["space"]["sparse.method"] = {"choice": ["rigl", "set"]}  # a string choice: Optuna's importance keeps it
+    good = {"optimizer.rho": 0.05, "optimizer.mu": 1e-3, "optimizer.q": 1, "optimizer.lr": 0.3,
+            "sparse.method": "rigl"}
     spec["search"]["points_to_evaluate"] = [good, {**good, "optimizer.lr": 1.0e12}]
     lines: list[str] = []
     t0 = time.perf_counter()
@@ -321,11 +337,66 @@ def test_optuna_asha_sweep_logs_one_child_per_trial(ray_local: Path, tmp_path: P
     assert best_cfg.optimizer.hyper["q"] == result.best[0]["params"]["optimizer.q"]
     assert any("best config:" in ln for ln in lines)
 
+    _check_study_and_models(result, uri, spec)
+
     overhead = _overheads(result.trials)
     print(f"\nOptuna+ASHA sweep: {len(result.trials)} trials in {wall:.1f} s; per-trial Ray overhead "
           f"(time_total_s - train_time_s): {', '.join(f'{o:.1f}' for o in overhead)} s; statuses "
           f"{[t['status'] for t in result.trials]}")
     assert overhead and all(o > 0 for o in overhead)
+
+
+def _check_study_and_models(result, uri: str, spec: dict[str, Any]) -> None:
+    """The Optuna study reopens from its storage with every trial; Optuna's importance covers
+    every searched parameter (the string choice too); the parent run has the best objective;
+    the registered model's alias ``best`` is the best trial's LoggedModel, and it loads and
+    evaluates to the trial's final test accuracy; datasets and system metrics are on each run."""
+    import mlflow
+    import mlflow.pytorch
+    import optuna
+    from mlflow import MlflowClient
+
+    from zosam.engine import Trainer
+
+    study = optuna.load_study(study_name=spec["name"], storage=result.study_storage)
+    states = [t.state for t in study.trials]
+    assert len(states) == len(result.trials)
+    assert states.count(optuna.trial.TrialState.FAIL) == sum(t["status"] == "failed" for t in result.trials)
+    assert set(result.importances) == set(spec["space"])
+    assert all(math.isfinite(v) and v >= 0 for v in result.importances.values())
+    assert sum(result.importances.values()) == pytest.approx(1.0)
+
+    c = MlflowClient(uri)
+    parent = c.get_run(result.parent_run_id)
+    best = result.best[0]
+    assert parent.data.metrics["best_trial.test_acc"] == pytest.approx(best["test_acc"])
+    assert parent.data.metrics["importance.sparse.method"] == pytest.approx(result.importances["sparse.method"])
+    plots = {a.path for a in c.list_artifacts(result.parent_run_id, "plots")}
+    assert {"plots/optimization_history.png", "plots/param_importances.png",
+            "plots/parallel_coordinate.png"} <= plots
+
+    name = result.registered_model["name"]
+    assert name == f"{EXPERIMENT}.{spec['name']}"
+    version = c.get_model_version_by_alias(name, "best")
+    model_id = c.get_run(best["mlflow_run_id"]).data.tags["zosam.model_id"]
+    assert version.run_id == best["mlflow_run_id"] and version.source == f"models:/{model_id}"
+    logged = c.get_logged_model(model_id)
+    assert logged.source_run_id == best["mlflow_run_id"]
+    if best["status"] == "finished":  # final metrics are linked to the model
+        assert {m.key: m.value for m in logged.metrics}["final_test_acc"] == pytest.approx(best["test_acc"])
+
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pytorch.load_model(f"models:/{name}@best")
+    cfg = RunConfig.from_dict({**load_config(result.best_config_path).to_dict(), "tracking": {"enabled": False}})
+    trainer = Trainer(cfg, log=None)  # the same test split, loaders and evaluation as the trial's
+    trainer.model = trainer.net = model
+    assert trainer.evaluate()[1] == pytest.approx(best["test_acc"], abs=1e-6)
+
+    run = c.get_run(best["mlflow_run_id"])
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"train", "test"} and inputs["train"].name == "digits"
+    assert inputs["train"].digest != inputs["test"].digest
+    assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics), sorted(run.data.metrics)
 
 
 def test_multi_objective_sweep_returns_a_non_dominated_set(ray_local: Path, tmp_path: Path) -> None:

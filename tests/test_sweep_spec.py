@@ -297,3 +297,58 @@ def test_storage_endpoint_sources_and_the_path_it_needs(monkeypatch: pytest.Monk
         resolve_endpoint("s3://b/p", None)
     fs = filesystem("s3://b/p", "http://127.0.0.1:9000")
     assert type(fs).__name__ == "S3FileSystem" and ray_path("s3://b/p", "http://127.0.0.1:9000") == "b/p"
+
+
+# -- the Optuna study's storage and the registered model's name ---------------------------------
+@pytest.mark.parametrize("bad", ["optuna.db", "sqlite://relative.db", "sqlite:///:memory:", "redis://host:6379",
+                                 "postgresql://host:5432/optuna with space", 3, ""])
+def test_a_bad_study_storage_is_named(bad: Any) -> None:
+    with pytest.raises(ConfigError, match=r"^search\.storage="):
+        load_spec(spec(search={"sampler": "tpe", "seed": 0, "storage": bad}))
+
+
+def test_study_storage_default_env_and_the_checks_before_ray(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Default: ``optuna.db`` beside the sweep's outputs; ``$ZOSAM_OPTUNA_STORAGE`` next; the
+    spec's ``search.storage`` first. A server that does not answer is named with the field."""
+    import socket
+
+    from zosam.sweep import study
+
+    monkeypatch.delenv(study.STORAGE_ENV, raising=False)
+    assert study.resolve_storage(None, tmp_path) == (f"sqlite:///{tmp_path / 'optuna.db'}", "--storage-path")
+    monkeypatch.setenv(study.STORAGE_ENV, "sqlite:////x/y.db")
+    assert study.resolve_storage(None, tmp_path) == ("sqlite:////x/y.db", study.STORAGE_ENV)
+    assert study.resolve_storage("mysql://h/db", tmp_path) == ("mysql://h/db", "search.storage")
+    monkeypatch.setenv(study.STORAGE_ENV, "optuna.db")
+    with pytest.raises(ConfigError, match=r"^ZOSAM_OPTUNA_STORAGE="):
+        study.resolve_storage(None, tmp_path)
+    with socket.socket() as s:  # a free port: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ConfigError, match=r"^search\.storage=.*no database answers"):
+        study.check_storage("search.storage", f"postgresql://u:secret@127.0.0.1:{port}/optuna", timeout_s=1)
+    with pytest.raises(ConfigError, match="is a folder"):
+        study.check_storage("search.storage", f"sqlite:///{tmp_path}")
+    assert study.display_url("postgresql://u:secret@h:5432/optuna") == "postgresql://u:***@h:5432/optuna"
+    assert not study.study_exists(f"sqlite:///{tmp_path / 'none.db'}", "x") and not (tmp_path / "none.db").exists()
+
+
+def test_registered_model_name_derived_and_validated() -> None:
+    s = load_spec(spec(tracking={"experiment": "my sweeps/2026"}))
+    assert s.tracking["registered_model"] == "my-sweeps-2026.spec-test"
+    assert load_spec(spec(tracking={"registered_model": "zosam-best"})).tracking["registered_model"] == "zosam-best"
+    with pytest.raises(ConfigError, match=r"^tracking\.registered_model="):
+        load_spec(spec(tracking={"registered_model": "a/b"}))
+
+
+def test_sweep_does_not_import_bench() -> None:
+    """``zosam.sweep`` sits below ``zosam.bench`` (bench may run sweeps, not the reverse)."""
+    import ast
+
+    for path in (ROOT / "zosam" / "sweep").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n == "zosam.bench" or n.startswith(("zosam.bench.", "zosam.compare", "zosam.cli"))
+                           for n in names), f"{path.name} imports {names}"

@@ -212,16 +212,24 @@ class EvalConfig:
 
 @dataclass
 class TrackingConfig:
-    """MLflow: ``uri`` (default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlflow.db``)."""
+    """MLflow: ``uri`` (default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlflow.db``);
+    ``log_model``: log the final model as an MLflow LoggedModel (costs its size on disk);
+    ``system_metrics``: sample CPU/memory/GPU into ``system/*`` metrics while the run trains,
+    every 10 s (``true``), every that many seconds (a number) or not at all (``false``)."""
 
     enabled: bool = True
     uri: str | None = None
     experiment: str = "zosam"
+    log_model: bool = True
+    system_metrics: bool | float = True
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrackingConfig:
         c = cls(**d)
-        choice("enabled", c.enabled, (True, False))
+        for flag in ("enabled", "log_model"):
+            choice(flag, getattr(c, flag), (True, False))
+        if not isinstance(c.system_metrics, bool):
+            in_range("system_metrics (true, false or a sampling interval in seconds)", c.system_metrics, 0.5, 3600)
         if c.uri is not None:
             check_tracking_uri_format("uri", c.uri)
         check_experiment_name("experiment", c.experiment)

@@ -37,7 +37,7 @@ from zosam.validate import ConfigError, check_writable_dir
 
 # Fields that may differ on resume: where things are, not what is trained.
 RESUME_IGNORED = {"checkpoint.dir", "checkpoint.keep", "tracking.uri", "device", "data.data_dir", "data.cache_dir",
-                  "data.archive", "data.num_workers"}
+                  "data.archive", "data.num_workers", "tracking.log_model", "tracking.system_metrics"}
 CONFIG_CHANGE_TAG = "zosam.config_changed"
 
 
@@ -201,6 +201,11 @@ def run(
             logger.log_params(flatten(cfg.to_dict()))
             logger.log_dict(cfg.to_dict(), "config.yaml")
             logger.set_tags({"zosam.data_label": trainer.data.label})
+            if cfg.tracking.system_metrics:
+                logger.start_system_metrics(resume=trainer.start_epoch > 0, interval_s=cfg.tracking.system_metrics)
+            if trainer.start_epoch == 0:
+                logger.log_dataset(trainer.data.name, {"train": trainer.data.train, "test": trainer.data.test},
+                                   source=trainer.data.label, meta=trainer.data.meta)
             if changes:
                 _record_config_change(logger, changes, trainer.start_epoch)
             logged |= logger.logged_steps()
@@ -228,6 +233,9 @@ def run(
     except SystemExit as e:  # Ray Tune stops a trial with sys.exit(0) inside its report
         if logger is not None:
             stopped = e.code in (0, None)
+            if stopped and cfg.tracking.log_model:  # the scheduler's stop is this trial's end: keep its model
+                with contextlib.suppress(TrackingError):
+                    logger.log_model(trainer.model, input_shape=trainer.data.input_shape)
             logger.end("stopped_early" if stopped else "failed",
                        f"stopped after epoch {len(trainer.history)}" if stopped else f"exited with status {e.code}")
         raise
@@ -263,7 +271,9 @@ def _record_config_change(logger: RunLogger, changes: list[tuple[str, str | None
 
 
 def _log_final(logger: RunLogger, trainer: Trainer, summary: dict[str, Any]) -> None:
-    logger.log_metrics({k: v for k, v in summary.items() if v is not None})
+    model_id = (logger.log_model(trainer.model, input_shape=trainer.data.input_shape)
+                if trainer.cfg.tracking.log_model else None)
+    logger.log_metrics({k: v for k, v in summary.items() if v is not None}, model_id=model_id)
     if not trainer.cfg.sparse.is_dense:
         report = trainer.masking.report()
         rows = ["| layer | density | weights |", "|---|---|---|"]

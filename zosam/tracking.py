@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,7 +24,9 @@ from zosam.validate import ConfigError, check_tracking_uri_format, check_writabl
 
 STATUS_TAG, REASON_TAG, KEY_TAG = "zosam.status", "zosam.failure_reason", "zosam.run_key"
 KEY_HASH_TAG = "zosam.run_key_sha256"  # what lookups filter on: hex only, nothing to escape
+MODEL_ID_TAG = "zosam.model_id"  # the run's final model (an MLflow LoggedModel id)
 CONNECT_TIMEOUT_S = 5.0
+SYSTEM_METRICS_INTERVAL_S = 10.0  # one CPU/memory/GPU sample per 10 s: a few points per short run, cheap
 
 
 class TrackingError(RuntimeError):
@@ -141,6 +143,22 @@ def _quiet_mlflow_db_errors() -> None:
         log.addFilter(_OneLine())
 
 
+class _DropModelNoise(logging.Filter):
+    """MLflow warns on every pickled PyTorch model (ours are our own, loaded by our users) and
+    announces each cleared active model: one line per run each, saying nothing to act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return "Pickle or CloudPickle" not in msg and "Active model is cleared" not in msg
+
+
+def _quiet_mlflow_pickle_warning() -> None:
+    for name in ("mlflow.pytorch", "mlflow.tracking.fluent"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropModelNoise) for f in log.filters):
+            log.addFilter(_DropModelNoise())
+
+
 def client(uri: str):
     """An ``MlflowClient``; a sqlite store's schema is created once, under :func:`store_lock`."""
     from mlflow.tracking import MlflowClient
@@ -242,14 +260,20 @@ class RunLogger:
         return {m.step for m in self.client.get_metric_history(self.run_id, metric)}
 
     @_tracked
-    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None, *,
+                    model_id: str | None = None) -> None:
+        """Numeric values only; ``model_id`` links them to a logged model as well as the run (and
+        those named ``*test*`` to the run's ``test`` data set, when ``log_dataset`` recorded one)."""
         import time
 
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        batch = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()
-                 if isinstance(v, int | float) and not isinstance(v, bool)]
+        test = getattr(self, "_test_dataset", (None, None)) if model_id else (None, None)
+        batch = [Metric(k, float(v), ts, step or 0, model_id=model_id,
+                        **dict(zip(("dataset_name", "dataset_digest"), test if "test" in k else (None, None),
+                                   strict=True)))
+                 for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)]
         for i in range(0, len(batch), 500):
             self.client.log_batch(self.run_id, metrics=batch[i:i + 500])
 
@@ -276,14 +300,130 @@ class RunLogger:
             self.log_file(path, str(Path(artifact_file).parent) if "/" in artifact_file else None)
 
     @_tracked
+    def log_model(self, model, *, input_shape: Sequence[int], name: str = "model") -> str:
+        """Log ``model`` (a ``torch.nn.Module``) as an MLflow LoggedModel of this run; returns its id
+        (also set as the run's ``zosam.model_id`` tag). A CPU copy in eval mode is logged, with a
+        signature (a float32 batch of ``input_shape`` -> logits), so it loads anywhere::
+
+            mlflow.pytorch.load_model(f"models:/{model_id}")
+        """
+        import copy
+
+        import mlflow
+        import mlflow.pytorch
+        import numpy as np
+        import torch
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        cpu = copy.deepcopy(model).to("cpu", torch.float32).eval()
+        with torch.no_grad():
+            classes = int(cpu(torch.zeros(1, *input_shape)).shape[-1])
+        signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape))]),
+                                   outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes))]))
+        # log_model links the model to the active run: this run, for the duration of the call only.
+        mlflow.set_tracking_uri(self.uri)
+        with mlflow.start_run(run_id=self.run_id):
+            # The pickled module (not a traced pt2 graph): sparse models and any batch size load as trained.
+            # Requirements given, not inferred (inference runs a subprocess: ~8 s a model). Loading
+            # needs zosam importable too (the model classes are pickled by reference).
+            _quiet_mlflow_pickle_warning()
+            info = mlflow.pytorch.log_model(cpu, name=name, signature=signature, serialization_format="pickle",
+                                            pip_requirements=mlflow.pytorch.get_default_pip_requirements())
+        # log_model makes the model the process's "active model", which would link every later
+        # metric (system metrics, the next run in this worker) to it: only ours are linked.
+        mlflow.clear_active_model()
+        self.client.update_run(self.run_id, status="RUNNING")  # start_run's exit ended it; end() does that
+        self.client.set_tag(self.run_id, MODEL_ID_TAG, info.model_id)
+        return info.model_id
+
+    @_tracked
+    def log_dataset(self, name: str, splits: Mapping[str, Any], *, source: str,
+                    meta: Mapping[str, Any] | None = None) -> dict[str, str]:
+        """Record the run's data set with ``mlflow.data``: one input per split (context
+        ``train`` / ``test``), named ``name``, with a digest of the split's content (its
+        tensors when it holds them, else ``meta``) and the subset sizes as its profile.
+        Returns the digests by split."""
+        import json
+        import time
+
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs, digests = [], {}
+        for split, data in splits.items():
+            digest = _content_digest(data, {"name": name, "split": split, **(meta or {})})
+            ds = MetaDataset(CodeDatasetSource({"source": source, "split": split}), name=name, digest=digest)
+            entity = Dataset(**{**ds.to_dict(), "profile": json.dumps({"split": split, "num_examples": len(data),
+                                                                       **{k: v for k, v in (meta or {}).items()
+                                                                          if "subset" in k or "size" in k}})})
+            inputs.append(DatasetInput(entity, [InputTag("mlflow.data.context", split)]))
+            digests[split] = digest
+        if "test" in digests:
+            self._test_dataset = (name, digests["test"])
+        # Runs of one experiment (a sweep's trials) record the same data set: the store inserts
+        # its row once, and two inserts at once break its unique key. The host lock orders them
+        # on a sqlite store; a server's store gets one retry, which finds the row there.
+        for attempt in range(2):
+            try:
+                with store_lock(self.uri):
+                    self.client.log_inputs(self.run_id, datasets=inputs)
+                break
+            except Exception:
+                if attempt:
+                    raise
+                time.sleep(0.5)
+        return digests
+
+    def start_system_metrics(self, *, resume: bool = False, interval_s: float | bool = True) -> bool:
+        """Every ``interval_s`` seconds (``True``: ``SYSTEM_METRICS_INTERVAL_S``), sample CPU, memory,
+        disk, network (and GPU when MLflow finds one) into this run's ``system/*`` metrics until
+        ``end``. Needs psutil; without it, says so once and returns False."""
+        try:
+            import psutil  # noqa: F401  (MLflow's monitors need it)
+        except ImportError:
+            logging.getLogger(__name__).warning("system metrics are off: psutil is not installed")
+            return False
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        # Its start/stop/"no GPU" lines are four INFO lines per run on stderr: warnings only.
+        logging.getLogger("mlflow.system_metrics.system_metrics_monitor").setLevel(logging.WARNING)
+
+        interval = SYSTEM_METRICS_INTERVAL_S if interval_s is True else float(interval_s)
+        self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval, samples_before_logging=1,
+                                             resume_logging=resume, tracking_uri=self.uri)
+        self._monitor.start()
+        return True
+
+    def stop_system_metrics(self) -> None:
+        monitor, self._monitor = getattr(self, "_monitor", None), None
+        if monitor is not None:
+            with contextlib.suppress(Exception):  # the last sample is not worth failing a run over
+                monitor.finish()
+
+    @_tracked
     def end(self, status: str, reason: str | None = None) -> None:
         """``status``: ``finished``, ``stopped_early`` or ``failed`` (MLflow: FINISHED/KILLED/FAILED)."""
+        self.stop_system_metrics()
         tags = {STATUS_TAG: status}
         if reason:
             tags[REASON_TAG] = reason[:5000]
         self.set_tags(tags)
         mlflow_status = {"finished": "FINISHED", "stopped_early": "KILLED", "failed": "FAILED"}[status]
         self.client.set_terminated(self.run_id, status=mlflow_status)
+
+
+def _content_digest(data: Any, meta: Mapping[str, Any]) -> str:
+    """A short sha256 of a split: its images and labels when it holds them as tensors, plus ``meta``."""
+    import json
+
+    h = hashlib.sha256(json.dumps(dict(meta), sort_keys=True, default=str).encode())
+    for attr in ("images", "labels"):
+        t = getattr(data, attr, None)
+        if t is not None and hasattr(t, "numpy"):
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def learning_curve_figure(history: list[dict[str, Any]], title: str = ""):
