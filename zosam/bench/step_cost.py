@@ -19,7 +19,10 @@ over ``--count-steps`` steps, so LookSAM's every-k-th SAM step is averaged in):
 - ``extra``: ops beyond the method's passes: ``ops - ops(SGD) - (F - 1) fwd - N nograd -
   (B - 1) bwd`` with F, N, B its passes per step and ``fwd`` / ``nograd`` / ``bwd`` the
   ops of one forward with autograd (loss included), one no-grad forward and one
-  backward, profiled alone; SGD's extra is 0 by construction.
+  backward, profiled alone. The extra passes run with BatchNorm statistics frozen (as
+  every pass but the final one does: no ``num_batches_tracked`` update, one op fewer per
+  BN layer), so ``fwd`` and ``nograd`` are profiled frozen; SGD's extra is 0 by
+  construction.
 - ``syncs``: host synchronisations per step: ``aten::_local_scalar_dense`` (every
   ``.item()``, ``float(t)``, ``bool(t)`` of a tensor), ``aten::nonzero``,
   ``aten::equal`` / ``aten::allclose`` (these read a result back on a GPU) and, on CUDA,
@@ -185,14 +188,15 @@ def _profile_counts(fn, n: int) -> tuple[float, float]:
     return ops / n, syncs / n
 
 
-def _pass_ops(model, closure, device: torch.device) -> dict[str, float]:
-    """Top-level ops of one forward with autograd (with the loss), one backward, one no-grad forward."""
+def _pass_ops(model, opt, closure, device: torch.device) -> dict[str, float]:
+    """Top-level ops of one forward with autograd (with the loss), one backward, one no-grad
+    forward; the forwards with BatchNorm frozen, as the extra passes of a step run."""
     def fwd():
-        with torch.enable_grad():
+        with torch.enable_grad(), opt.frozen_batchnorm():
             return closure()
 
     def nograd():
-        with torch.no_grad():
+        with torch.no_grad(), opt.frozen_batchnorm():
             closure()
 
     loss = [None]
@@ -214,8 +218,8 @@ def _pass_ops(model, closure, device: torch.device) -> dict[str, float]:
 
 def count_ops(setups: dict[str, Any], steps: int, device: torch.device) -> dict[str, dict[str, float]]:
     """Per method: ``ops``, ``extra`` and ``syncs`` per step (see the module docstring)."""
-    model, _, closure, _, _ = setups["sgd"]
-    passes = _pass_ops(model, closure, device)
+    model, sgd_opt, closure, _, _ = setups["sgd"]
+    passes = _pass_ops(model, sgd_opt, closure, device)
     out: dict[str, dict[str, float]] = {}
     for m, (_, opt, cl, scaler, _) in setups.items():
         before = opt.pass_counts
