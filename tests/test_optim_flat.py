@@ -201,3 +201,31 @@ def test_a_step_reads_nothing_back_to_the_host(spec: str) -> None:
     closure = make_closure(model, F.cross_entropy, x, y)
     opt.step(closure)  # the first step of a guided run, AsyncSAM and MSAM has nothing stored yet
     assert _syncs(opt, closure) == 0
+
+
+# -- compile: graphs (CPU: the eager fallback; the capture itself needs a CUDA device) ------------
+def test_graphs_mode_on_cpu_runs_eagerly_says_so_and_matches_eager(caplog) -> None:
+    x, y = batch(0)
+    runs = []
+    for mode in ("none", "graphs"):
+        model = mlp()
+        with caplog.at_level("INFO", logger="zosam.optim.graphs"):
+            opt = ZOSAM(model.parameters(), torch.optim.SGD, model=model, q=2, seed=4, lr=0.1, compile=mode)
+            for _ in range(2):
+                opt.step(make_closure(model, F.cross_entropy, x, y))
+        runs.append([p.detach().clone() for p in model.parameters()])
+        assert opt.pass_counts["forward_no_grad"] == 8
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+    assert "ignored on cpu" in caplog.text
+
+
+def test_compile_mode_is_validated() -> None:
+    from zosam.config import load_config
+    from zosam.validate import ConfigError
+
+    model = mlp()
+    with pytest.raises(ValueError, match=r"^compile=.*allowed"):
+        ZOSAM(model.parameters(), torch.optim.SGD, model=model, lr=0.1, compile="jit")
+    assert load_config(None, ["optimizer.name=zosam", "optimizer.compile=graphs"]).optimizer.compile == "graphs"
+    with pytest.raises(ConfigError, match=r"optimizer\.compile=jit"):
+        load_config(None, ["optimizer.name=zosam", "optimizer.compile=jit"])

@@ -104,12 +104,15 @@ class OptimizerConfig:
 
     ``hyper`` holds the keyword arguments of both classes (``lr``, ``momentum``, ``rho``,
     ``mu``, ``q``, ...). They are validated by building the optimizer on a dummy tensor.
+    ``compile``: ``none`` (eager) or ``graphs`` (ZO-SAM's query passes replayed from CUDA
+    graphs; ignored on the CPU, see ``zosam.optim.graphs``).
     """
 
     name: str = "sgd"
     base: str = "sgd"
     max_grad_norm: float | None = None
     hyper: dict[str, Any] = field(default_factory=lambda: {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4})
+    compile: str = "none"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> OptimizerConfig:
@@ -118,6 +121,8 @@ class OptimizerConfig:
         d = dict(d)
         name, base = d.pop("name", cls.name), d.pop("base", cls.base)
         max_grad_norm = d.pop("max_grad_norm", None)
+        compile_mode = d.pop("compile", "none")
+        _prefixed("optimizer", choice, "compile", compile_mode, ("none", "graphs"))
         _prefixed("optimizer", choice, "name", name, OPTIMIZERS.names())
         _prefixed("optimizer", choice, "base", base, BASE_OPTIMIZERS.names())
         own = set(inspect.signature(OPTIMIZERS.get(name)).parameters) - _WRAPPER_ARGS
@@ -131,7 +136,7 @@ class OptimizerConfig:
         in_range("optimizer.weight_decay", hyper["weight_decay"], 0)
         if "momentum" in hyper:
             in_range("optimizer.momentum", hyper["momentum"], 0, 1, high_open=True)
-        cfg = cls(name, base, max_grad_norm, hyper)
+        cfg = cls(name, base, max_grad_norm, hyper, compile_mode)
         cfg.build(torch.nn.Linear(1, 1), model=None)  # validates every value, cheaply
         return cfg
 
@@ -149,12 +154,14 @@ class OptimizerConfig:
         if default_seed is not None and "seed" in inspect.signature(cls).parameters:
             hyper.setdefault("seed", default_seed)
         return _prefixed("optimizer", cls, params_from.parameters(), BASE_OPTIMIZERS.get(self.base),
-                         model=model, max_grad_norm=self.max_grad_norm, **hyper)
+                         model=model, max_grad_norm=self.max_grad_norm, compile=self.compile, **hyper)
 
     def to_dict(self) -> dict[str, Any]:
         out = {"name": self.name, "base": self.base, **self.hyper}
         if self.max_grad_norm is not None:
             out["max_grad_norm"] = self.max_grad_norm
+        if self.compile != "none":
+            out["compile"] = self.compile
         return out
 
 

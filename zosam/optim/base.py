@@ -38,6 +38,10 @@ from zosam.validate import choice, in_range
 
 Closure = Callable[..., Tensor]
 
+COMPILE_MODES = ("none", "graphs")
+"""``compile``: eager passes, or the no-grad query passes replayed from CUDA graphs
+(:mod:`zosam.optim.graphs`; ignored on the CPU)."""
+
 _RULES: dict[str, dict[str, Any]] = {
     "positive": {"low": 0, "low_open": True},       # (0, inf)
     "nonnegative": {"low": 0},                      # [0, inf)
@@ -65,6 +69,48 @@ def check_args(**args: tuple[Any, str | tuple[str, ...]]) -> None:
             in_range(name, value, **_RULES[rule])
 
 
+class BatchClosure:
+    """The closure :func:`make_closure` returns: ``loss_fn(model(x), y)`` on one batch.
+
+    ``closure(fraction=1.0, *, indices=None, reduction="mean")`` returns the loss; it never
+    calls backward. ``inputs`` / ``targets`` are the batch and :meth:`rebind` the same
+    closure on other tensors of that shape (the static input buffers of a CUDA graph).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[..., Tensor], inputs: Tensor, targets: Tensor, *,
+                 autocast: torch.autocast | None = None,
+                 record: Callable[[Tensor, Tensor], None] | None = None) -> None:
+        self.model, self.loss_fn, self.inputs, self.targets = model, loss_fn, inputs, targets
+        self.autocast, self.record = autocast, record
+
+    def rebind(self, inputs: Tensor, targets: Tensor) -> BatchClosure:
+        """This closure on ``inputs`` / ``targets`` (without ``record``)."""
+        return BatchClosure(self.model, self.loss_fn, inputs, targets, autocast=self.autocast)
+
+    def __call__(self, fraction: float = 1.0, *, indices: Tensor | None = None, reduction: str = "mean") -> Tensor:
+        choice("reduction", reduction, ("mean", "none"))
+        inputs, targets = self.inputs, self.targets
+        if indices is not None:
+            if fraction < 1.0:
+                raise ValueError("closure: pass either fraction < 1 or indices, not both")
+            x, y = inputs[indices], targets[indices]
+        else:
+            n = inputs.shape[0] if fraction >= 1.0 else max(1, math.ceil(fraction * inputs.shape[0]))
+            x, y = (inputs, targets) if n == inputs.shape[0] else (inputs[:n], targets[:n])
+        kwargs = {} if reduction == "mean" else {"reduction": reduction}
+        if self.autocast is None:
+            out = self.model(x)
+        else:
+            with self.autocast:
+                out = self.model(x)
+        if self.record is not None and indices is None and fraction >= 1.0 and torch.is_grad_enabled():
+            self.record(out.detach(), y)
+        if self.autocast is None:
+            return self.loss_fn(out, y, **kwargs)
+        with self.autocast:
+            return self.loss_fn(out, y, **kwargs)
+
+
 def make_closure(
     model: nn.Module,
     loss_fn: Callable[..., Tensor],
@@ -73,8 +119,8 @@ def make_closure(
     *,
     autocast: torch.autocast | None = None,
     record: Callable[[Tensor, Tensor], None] | None = None,
-) -> Closure:
-    """Build the standard closure for :meth:`PerturbationOptimizer.step`.
+) -> BatchClosure:
+    """Build the standard closure for :meth:`PerturbationOptimizer.step` (a :class:`BatchClosure`).
 
     ``closure(fraction=1.0, *, indices=None, reduction="mean")`` runs
     ``loss_fn(model(x), y)`` and returns the loss; it never calls backward.
@@ -94,30 +140,7 @@ def make_closure(
     the whole batch with autograd on (any ``reduction``), e.g. to count correct
     predictions; the last such pass of a step is the one an optimizer trains on.
     """
-
-    def closure(fraction: float = 1.0, *, indices: Tensor | None = None, reduction: str = "mean") -> Tensor:
-        choice("reduction", reduction, ("mean", "none"))
-        if indices is not None:
-            if fraction < 1.0:
-                raise ValueError("closure: pass either fraction < 1 or indices, not both")
-            x, y = inputs[indices], targets[indices]
-        else:
-            n = inputs.shape[0] if fraction >= 1.0 else max(1, math.ceil(fraction * inputs.shape[0]))
-            x, y = inputs[:n], targets[:n]
-        kwargs = {} if reduction == "mean" else {"reduction": reduction}
-        if autocast is None:
-            out = model(x)
-        else:
-            with autocast:
-                out = model(x)
-        if record is not None and indices is None and fraction >= 1.0 and torch.is_grad_enabled():
-            record(out.detach(), y)
-        if autocast is None:
-            return loss_fn(out, y, **kwargs)
-        with autocast:
-            return loss_fn(out, y, **kwargs)
-
-    return closure
+    return BatchClosure(model, loss_fn, inputs, targets, autocast=autocast, record=record)
 
 
 def _accepts(fn: Callable[..., Any], keyword: str) -> bool:
@@ -182,6 +205,10 @@ class PerturbationOptimizer(torch.optim.Optimizer, Maskable):
             running statistics updated by every query/perturbation pass too.
         max_grad_norm: clip the gradient applied by the update to this global L2 norm
             (after unscaling under a ``GradScaler``); ``None`` disables clipping.
+        compile: ``"none"`` (eager) or ``"graphs"``: replay the no-grad query passes
+            (ZO-SAM's) from a CUDA graph (:mod:`zosam.optim.graphs`); optimizers without
+            query passes and CPU runs ignore it, and anything capture cannot handle falls
+            back to eager with a message.
         **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ...).
     """
 
@@ -193,8 +220,10 @@ class PerturbationOptimizer(torch.optim.Optimizer, Maskable):
         *,
         model: nn.Module | None,
         max_grad_norm: float | None = None,
+        compile: str = "none",
         **base_kwargs: Any,
     ) -> None:
+        check_args(compile=(compile, COMPILE_MODES))
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
             raise ValueError(
                 f"base_optimizer={base_optimizer!r} is invalid; must be a torch.optim.Optimizer "
@@ -214,6 +243,7 @@ class PerturbationOptimizer(torch.optim.Optimizer, Maskable):
         self.defaults.update(self.base_optimizer.defaults)
         self.model = model
         self.max_grad_norm = max_grad_norm
+        self.compile = compile
         self.masks: dict[Tensor, Tensor] = {}
         self._mask: FlatList | None = None  # flat 0/1 masks (1 for unmasked tensors)
         self.active = self.flat.numel  # number of active (perturbed) weights
