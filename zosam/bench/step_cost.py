@@ -78,7 +78,8 @@ def _setup(args: argparse.Namespace, spec: str, device: torch.device):
     model = create_model(args.model, num_classes=10, **({"width": args.width} if args.width else {})).to(device)
     model.train()
     opt: PerturbationOptimizer = OPTIMIZERS.get(name)(
-        model.parameters(), torch.optim.SGD, model=model, lr=0.01, momentum=0.9, **kwargs)
+        model.parameters(), torch.optim.SGD, model=model, lr=0.01, momentum=0.9,
+        **{"compile": args.compile, **kwargs})
     g = torch.Generator().manual_seed(0)
     size = args.image_size
     x = torch.randn(args.batch_size, 3, size, size, generator=g).to(device)
@@ -255,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", action="store_true", help="autocast (bf16 on CPU, fp16 + GradScaler on CUDA)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--compile", choices=("none", "graphs"), default="none",
+                   help="the optimizers' compile mode: graphs replays ZO-SAM's query passes from CUDA graphs "
+                        "(methods without query passes, SGD included, run as in eager mode)")
     p.add_argument("--count-ops", action="store_true",
                    help="also count top-level aten ops, ops beyond the passes and host syncs per step")
     p.add_argument("--count-steps", type=int, default=5, help="steps profiled per method by --count-ops")
@@ -307,6 +311,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
             row["peak_mib"] = _peak_memory(argv, m)
         rows.append(row)
     summary = {"model": args.model, "batch_size": args.batch_size, "device": args.device, "amp": args.amp,
+               "compile": args.compile,
                "rounds": args.rounds, "sgd_step_s": sgd,
                **{f"forward_no_grad_s@{f:g}": t for f, t in fwd.items()},
                **({f"ops_{k}": v for k, v in counted["_passes"].items()} if counted else {})}
