@@ -483,6 +483,8 @@ class PerturbationOptimizer(torch.optim.Optimizer, Maskable):
         """The last forward and backward at the current weights, then restore ``w0`` (if
         given), ``combine()`` (turn ``.grad`` into the gradient to apply, if given) and the
         update. Returns the detached loss."""
+        if w0 is None:
+            self.flat.check()  # (a step that saves the weights checked already)
         loss = self._forward(closure, grad=True, **kwargs)
         self._backward(loss, scaler)
         if w0 is not None:

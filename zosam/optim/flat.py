@@ -61,6 +61,21 @@ def _dense(p: Tensor) -> bool:
     return True
 
 
+def _adopt(ps: list[Tensor], offsets: list[int], n: int) -> Tensor | None:
+    """The buffer ``ps`` already lie in, in this layout (another optimizer over the same
+    parameters flattened them), or ``None``. Adopting it instead of copying keeps the other
+    optimizer's views valid, so several optimizers can take turns on one model."""
+    storage = ps[0].untyped_storage()
+    start = ps[0].storage_offset()
+    for p, off in zip(ps, offsets, strict=True):
+        if (not p.is_contiguous() or p.untyped_storage().data_ptr() != storage.data_ptr()
+                or p.storage_offset() != start + off):
+            return None
+    if (start + n) * ps[0].element_size() > storage.nbytes():
+        return None
+    return torch.empty(0, device=ps[0].device, dtype=ps[0].dtype).set_(storage, start, (n,))
+
+
 class FlatParams:
     """The parameters ``params`` as views into one buffer per (device, dtype).
 
@@ -75,7 +90,8 @@ class FlatParams:
 
     @torch.no_grad()
     def rebuild(self) -> None:
-        """(Re-)flatten: copy every parameter into a fresh buffer and point it at its view."""
+        """(Re-)flatten: copy every parameter into a fresh buffer and point it at its view
+        (or adopt the buffer the parameters already lie in, in this layout)."""
         groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
         for p in self.params:
             if not _dense(p):
@@ -87,11 +103,13 @@ class FlatParams:
             for p in ps:
                 offsets.append(n)
                 n += p.numel()
-            flat = torch.empty(n, device=device, dtype=dtype)
-            for p, off in zip(ps, offsets, strict=True):
-                view = _view(flat, p, off)
-                view.copy_(p)
-                p.data = view
+            flat = _adopt(ps, offsets, n)
+            if flat is None:
+                flat = torch.empty(n, device=device, dtype=dtype)
+                for p, off in zip(ps, offsets, strict=True):
+                    view = _view(flat, p, off)
+                    view.copy_(p)
+                    p.data = view
             self.buckets.append(_Bucket(flat, ps, offsets))
         self._index = {id(p): (b, i) for b, bucket in enumerate(self.buckets) for i, p in enumerate(bucket.params)}
         self._ptrs = [p.data_ptr() for p in self.params]

@@ -27,12 +27,11 @@ shaped like the parameters), so the step does not change with the kind of direct
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from zosam.optim.base import wide
 from zosam.optim.flat import FlatList, dot
 from zosam.optim.samplers import Seeded
 
@@ -60,22 +59,6 @@ def has_momentum(base: torch.optim.Optimizer) -> bool:
     if "momentum" in group:
         return float(group["momentum"]) > 0.0
     return "betas" in group
-
-
-def masked_dot(params: Sequence[Tensor], masks: Mapping[Tensor, Tensor], a: Surrogate, b: Surrogate) -> float:
-    """``sum_i a_i . b_i`` over the active weights (``None`` counts as zero), accumulated in
-    at least float32 (float64 stays float64), moved to one device and read back once."""
-    terms = []
-    for p, x, y in zip(params, a, b, strict=True):
-        if x is None or y is None:
-            continue
-        prod = wide(x) * wide(y)
-        m = masks.get(p)
-        terms.append((prod if m is None else prod * m).sum())
-    if not terms:
-        return 0.0
-    dev = terms[0].device
-    return float(torch.stack([t.to(dev) for t in terms]).sum())
 
 
 class GuidedDirections(Seeded):
