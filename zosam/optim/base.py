@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from zosam.optim.flat import FlatList, FlatParams, dot, sq_norm, usable
+from zosam.optim.flat import FlatList, FlatParams, dot, like, sq_norm, usable
 from zosam.sparse.masks import Maskable
 from zosam.validate import choice, in_range
 
@@ -151,7 +151,8 @@ def _accepts(fn: Callable[..., Any], keyword: str) -> bool:
 def wide(t: Tensor) -> Tensor:
     """``t`` in at least float32: half-precision losses and norms are lifted, float64 stays
     float64 (so float64 runs keep their precision through norms and loss differences)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+    dtype = torch.promote_types(t.dtype, torch.float32)
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def global_norm(tensors: list[Tensor]) -> float:
@@ -469,7 +470,7 @@ class PerturbationOptimizer(torch.optim.Optimizer, Maskable):
             for d in direction:
                 d.nan_to_num_(0.0, 0.0, 0.0)
         for w, a, d in zip(self.flat.flats, w0, direction, strict=True):
-            torch.addcmul(a, d, scale.to(device=a.device, dtype=a.dtype), out=w)
+            torch.addcmul(a, d, like(scale, a), out=w)
         self._skipped.add_(ok.logical_not())
         return ok
 
@@ -536,7 +537,7 @@ class PerturbationOptimizer(torch.optim.Optimizer, Maskable):
         if not self._has_last:
             finite = torch.ones_like(finite)  # nothing to keep: store (then clean) the first one
         for a, b in zip(last, new, strict=True):
-            a.copy_(torch.where(finite.to(a.device), b, a))
+            a.copy_(torch.where(finite if finite.device == a.device else finite.to(a.device), b, a))
         if not self._has_last:
             for a in last:
                 a.nan_to_num_(0.0, 0.0, 0.0)  # a first non-finite gradient is unusable: zero
@@ -554,4 +555,4 @@ class PerturbationOptimizer(torch.optim.Optimizer, Maskable):
             return
         g = self._masked(self._grads_into("scratch"))
         coef = (max_norm / (sq_norm(g).sqrt() + 1e-6)).clamp(max=1.0)
-        torch._foreach_mul_(grads, coef.to(grads[0].device, grads[0].dtype))
+        torch._foreach_mul_(grads, like(coef, grads[0]))

@@ -157,6 +157,13 @@ class FlatParams:
         return [_view(flats[b], p, off) for p, off in zip(bucket.params, bucket.offsets, strict=True)]
 
 
+def like(t: Tensor, ref: Tensor) -> Tensor:
+    """``t`` on ``ref``'s device in ``ref``'s dtype; ``t`` itself (no op) when it already is."""
+    if t.dtype == ref.dtype and t.device == ref.device:
+        return t
+    return t.to(device=ref.device, dtype=ref.dtype)
+
+
 def wide_dtype(dtype: torch.dtype) -> torch.dtype:
     """At least float32 (half precision is lifted, float64 stays)."""
     return torch.promote_types(dtype, torch.float32)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from zosam.optim.base import Closure, PerturbationOptimizer, check_args, wide
-from zosam.optim.flat import FlatList, sq_norm, usable
+from zosam.optim.flat import FlatList, like, sq_norm, usable
 from zosam.optim.guided import has_momentum, momentum_buffers
 from zosam.optim.sam import SAM
 from zosam.optim.samplers import Bernoulli, Gaussian
@@ -199,7 +199,7 @@ class LookSAM(SAM):
         ok = usable(g_sq)
         c = torch.where(ok, self._mdot(g, g_v) / g_sq, torch.zeros_like(g_sq))
         for v, gi in zip(g_v, g, strict=True):
-            v.addcmul_(gi, -c.to(device=v.device, dtype=v.dtype))
+            v.addcmul_(gi, -like(c, v))
             v.nan_to_num_(0.0, 0.0, 0.0)
         self._orthogonal_ok = ok & usable(self._mdot(g_v, g_v))
         self._has_orthogonal = True
@@ -218,7 +218,7 @@ class LookSAM(SAM):
         scale = torch.where(ok, self.alpha * g_norm / v_norm, torch.zeros_like(g_norm))
         present = [(gr, v) for gr, v in zip(grads, self._buffer("orthogonal"), strict=True) if gr is not None]
         torch._foreach_add_([gr for gr, _ in present],
-                            torch._foreach_mul([v for _, v in present], scale.to(present[0][0].dtype)))
+                            torch._foreach_mul([v for _, v in present], like(scale, present[0][0])))
 
     def step(self, closure: Closure | None = None, *, scaler: torch.amp.GradScaler | None = None) -> Tensor:  # type: ignore[override]
         """One LookSAM step; returns the loss of the pass whose gradient is applied."""
@@ -329,7 +329,7 @@ class GSAM(SAM):
         c = torch.where(usable(gp_sq), self._mdot(g, g_p) / gp_sq, torch.zeros_like(gp_sq))
         present = [(p.grad, v) for p, v in zip(self.params(), self._buffer("g"), strict=True) if p.grad is not None]
         grads = [gr for gr, _ in present]
-        torch._foreach_mul_(grads, (1.0 + self.alpha * c).to(grads[0].dtype))
+        torch._foreach_mul_(grads, like(1.0 + self.alpha * c, grads[0]))
         torch._foreach_add_(grads, [v for _, v in present], alpha=-self.alpha)
 
     def step(self, closure: Closure | None = None, *, scaler: torch.amp.GradScaler | None = None) -> Tensor:  # type: ignore[override]

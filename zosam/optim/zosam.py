@@ -67,7 +67,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from zosam.optim.base import Closure, PerturbationOptimizer, check_args, wide
-from zosam.optim.flat import FlatList, sq_norm, usable
+from zosam.optim.flat import FlatList, like, sq_norm, usable
 from zosam.optim.guided import GUIDES, GuidedDirections, has_momentum, momentum_buffers
 from zosam.optim.samplers import DirectionSampler, sampler
 
@@ -273,9 +273,9 @@ class ZOSAM(PerturbationOptimizer):
                 k = c / self.q
                 for g, d in zip(g_hat, u, strict=True):
                     if i == 0:
-                        torch.mul(d, k.to(g.dtype), out=g)            # g_hat = (c / q) u
+                        torch.mul(d, like(k, g), out=g)            # g_hat = (c / q) u
                     else:
-                        g.addcmul_(d, k.to(g.dtype))                  # g_hat += (c / q) u
+                        g.addcmul_(d, like(k, g))                  # g_hat += (c / q) u
         self._restore(w0)
         return g_hat
 
