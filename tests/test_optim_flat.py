@@ -229,3 +229,27 @@ def test_compile_mode_is_validated() -> None:
     assert load_config(None, ["optimizer.name=zosam", "optimizer.compile=graphs"]).optimizer.compile == "graphs"
     with pytest.raises(ConfigError, match=r"optimizer\.compile='jit' is invalid"):
         load_config(None, ["optimizer.name=zosam", "optimizer.compile=jit"])
+
+
+@pytest.mark.parametrize(("base_kwargs", "most"), [({}, 0), ({"foreach": True}, 1)])
+def test_with_a_grad_scaler_only_the_scalers_own_sync_remains(base_kwargs: dict, most: int) -> None:
+    # The default fused base step takes found_inf on the device; a foreach step makes
+    # scaler.step read it back once.
+    model = mlp(bn=True)
+    opt = ZOSAM(model.parameters(), torch.optim.SGD, model=model, lr=0.1, momentum=0.9, max_grad_norm=1.0,
+                **base_kwargs)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x, y = batch(0)
+    closure = make_closure(model, F.cross_entropy, x, y, autocast=torch.autocast("cpu", dtype=torch.bfloat16))
+
+    def step(closure=closure) -> None:
+        opt.step(closure, scaler=scaler)
+        scaler.update()
+
+    step()
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            step()
+    assert sum(ev.name == "aten::_local_scalar_dense" for ev in prof.events()) == 3 * most
