@@ -375,9 +375,10 @@ class RWP(PerturbationOptimizer):
         max_grad_norm: clip the applied gradient to this norm (``None``: no clipping).
         **base_kwargs: hyperparameters of ``base_optimizer`` (``lr`` ...).
 
-    Cost per step: 0 no-grad forwards, 1 forward + 1 backward (as SGD), plus two draws of
-    ``u`` (one for its norm, one to perturb). With every weight masked (``||u|| = 0``)
-    the perturbation is skipped (counted in ``skipped_perturbations``).
+    Cost per step: 0 no-grad forwards, 1 forward + 1 backward (as SGD), plus one flat draw
+    of ``u`` straight into the weights (then scaled and shifted by ``w0`` in place). With
+    every weight masked (``||u|| = 0``) the perturbation is skipped (counted in
+    ``skipped_perturbations``, on the device).
     """
 
     def __init__(
@@ -401,9 +402,14 @@ class RWP(PerturbationOptimizer):
         """One RWP step; returns the loss at ``w + e``."""
         closure = self._check_closure(closure)
         w0 = self._save()
-        u = self.sampler.draw(self._flat("u"), derive_seed(self.seed, self.step_count, 0), self._mask)
-        with torch.no_grad():
-            self._perturb(w0, u, sq_norm(u).sqrt(), self.rho, may_be_nonfinite=False)  # w = w0 + rho u / ||u||
+        with torch.no_grad():  # u is drawn into the weights themselves: no d-sized buffer besides w0
+            u = self.sampler.draw(self.flat.flats, derive_seed(self.seed, self.step_count, 0), self._mask)
+            norm = sq_norm(u).sqrt()
+            ok = usable(norm)
+            self._skipped.add_(ok.logical_not())
+            scale = torch.where(ok, self.rho / norm, torch.zeros_like(norm))
+            for w, a in zip(u, w0, strict=True):
+                w.mul_(like(scale, w)).add_(a)  # w = w0 + rho u / ||u||
         return self._final_pass(closure, scaler, w0)
 
 

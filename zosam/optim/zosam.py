@@ -254,7 +254,8 @@ class ZOSAM(PerturbationOptimizer):
             self._fit_guide()
         if self.directions == "sphere":
             self.sampler.active = self.active  # type: ignore[attr-defined]
-        w, u, g_hat = self.flat.flats, self._flat("u"), self._flat("g_hat")
+        w, u = self.flat.flats, self._flat("u")
+        g_hat = u if self.q == 1 else self._flat("g_hat")  # q = 1: g_hat = (c / q) u, scaled in place
         mu = self.mu
         with self.frozen_batchnorm(), self._forked_rng():
             l0 = self._loss(closure, self._noise_seed(0)) if self.difference == "forward" else None
