@@ -127,7 +127,9 @@ class ZOSAM(PerturbationOptimizer):
             are frozen during the query passes. ``None`` only for a model without
             BatchNorm (otherwise every query would update the running statistics).
         max_grad_norm: clip the applied gradient to this norm (``None``: no clipping).
-        **base_kwargs: hyperparameters of ``base_optimizer`` (``lr`` ...).
+        **base_kwargs: hyperparameters of ``base_optimizer`` (``lr`` ...), and ``compile``
+            (``"none"`` or ``"graphs"``: the query passes replayed from a CUDA graph, see
+            :mod:`zosam.optim.graphs`).
 
     Distributed: when ``torch.distributed`` is initialised, every rank draws the same
     directions (same seed and step) and each query loss is averaged across ranks before
