@@ -455,11 +455,11 @@ class FreeAscent(PerturbationOptimizer):
     def step(self, closure: Closure | None = None, *, scaler: torch.amp.GradScaler | None = None) -> Tensor:  # type: ignore[override]
         """One step; returns the loss at ``w + e`` (whose gradient is applied at ``w``)."""
         closure = self._check_closure(closure)
-        w0 = self._save()
         v = self._direction()
         if v is None:  # nothing stored yet (known on the host): a plain step
             self._skipped.add_(1)
             return self._final_pass(closure, scaler, None)
+        w0 = self._save()
         with torch.no_grad():
             e = self._flat("e")
             torch._foreach_copy_(e, v)
