@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from zosam.optim.flat import FlatList, FlatParams, dot, like, sq_norm, usable
+from zosam.optim.flat import FlatList, FlatParams, dot, l2norm, like, sq_norm, usable
 from zosam.sparse.masks import Maskable
 from zosam.validate import choice, in_range
 
@@ -554,5 +554,5 @@ class PerturbationOptimizer(torch.optim.Optimizer, Maskable):
         if not grads:
             return
         g = self._masked(self._grads_into("scratch"))
-        coef = (max_norm / (sq_norm(g).sqrt() + 1e-6)).clamp(max=1.0)
+        coef = (max_norm / (l2norm(g) + 1e-6)).clamp(max=1.0)
         torch._foreach_mul_(grads, like(coef, grads[0]))

@@ -180,6 +180,14 @@ def sq_norm(xs: FlatList) -> Tensor:
     return out
 
 
+def l2norm(xs: FlatList) -> Tensor:
+    """``sqrt(sum ||x||^2)`` over a flat list, in at least float32: one reduction for a
+    single buffer, no host sync."""
+    if len(xs) == 1:
+        return torch.linalg.vector_norm(xs[0], dtype=wide_dtype(xs[0].dtype))
+    return sq_norm(xs).sqrt()
+
+
 def dot(a: FlatList, b: FlatList) -> Tensor:
     """``sum a . b`` over flat lists, in at least float32, on the first buffer's device."""
     out = None

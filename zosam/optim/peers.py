@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from zosam.optim.base import Closure, PerturbationOptimizer, check_args, wide
-from zosam.optim.flat import FlatList, like, sq_norm, usable
+from zosam.optim.flat import FlatList, l2norm, like, usable
 from zosam.optim.guided import has_momentum, momentum_buffers
 from zosam.optim.sam import SAM
 from zosam.optim.samplers import Bernoulli, Gaussian
@@ -404,7 +404,7 @@ class RWP(PerturbationOptimizer):
         w0 = self._save()
         with torch.no_grad():  # u is drawn into the weights themselves: no d-sized buffer besides w0
             u = self.sampler.draw(self.flat.flats, derive_seed(self.seed, self.step_count, 0), self._mask)
-            norm = sq_norm(u).sqrt()
+            norm = l2norm(u)
             ok = usable(norm)
             self._skipped.add_(ok.logical_not())
             scale = torch.where(ok, self.rho / norm, torch.zeros_like(norm))
@@ -464,7 +464,7 @@ class FreeAscent(PerturbationOptimizer):
             e = self._flat("e")
             torch._foreach_copy_(e, v)
             self._masked(e)
-            self._perturb(w0, e, sq_norm(e).sqrt(), self.sign * self.rho)
+            self._perturb(w0, e, l2norm(e), self.sign * self.rho)
         return self._final_pass(closure, scaler, w0)
 
 

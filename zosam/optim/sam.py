@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from zosam.optim.base import Closure, PerturbationOptimizer, check_args
-from zosam.optim.flat import FlatList, sq_norm
+from zosam.optim.flat import FlatList, l2norm
 
 
 class FirstOrder(PerturbationOptimizer):
@@ -104,11 +104,11 @@ class SAM(PerturbationOptimizer):
             if keep_gradient else self._masked(g)
         w = self.flat.flats
         if self.adaptive:
-            norm = sq_norm([x.abs().mul_(d) for x, d in zip(w, e, strict=True)]).sqrt()
+            norm = l2norm([x.abs().mul_(d) for x, d in zip(w, e, strict=True)])
             for d, x in zip(e, w, strict=True):
                 d.mul_(x.square())
         else:
-            norm = sq_norm(e).sqrt()
+            norm = l2norm(e)
         if select is not None:
             torch._foreach_mul_(e, select)
         ok = self._perturb(w0, e, norm, rho)

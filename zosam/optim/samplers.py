@@ -22,7 +22,7 @@ from typing import Protocol
 
 import torch
 
-from zosam.optim.flat import FlatList, sq_norm
+from zosam.optim.flat import FlatList, l2norm
 
 
 class DirectionSampler(Protocol):
@@ -79,7 +79,7 @@ class Sphere(Gaussian):
 
     def draw(self, out: FlatList, seed: int, mask: FlatList | None) -> FlatList:
         super().draw(out, seed, mask)
-        z = sq_norm(out).sqrt()
+        z = l2norm(out)
         scale = torch.where(z > 0, math.sqrt(self.active) / z, torch.zeros_like(z))
         torch._foreach_mul_(out, scale.to(out[0].dtype))
         return out

@@ -67,7 +67,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from zosam.optim.base import Closure, PerturbationOptimizer, check_args, wide
-from zosam.optim.flat import FlatList, like, sq_norm, usable
+from zosam.optim.flat import FlatList, l2norm, like, sq_norm, usable
 from zosam.optim.guided import GUIDES, GuidedDirections, has_momentum, momentum_buffers
 from zosam.optim.samplers import DirectionSampler, sampler
 
@@ -315,5 +315,5 @@ class ZOSAM(PerturbationOptimizer):
         closure = self._check_closure(closure, self.query_fraction)
         w0 = self._save()
         g_hat = self._estimate(closure, w0)                         # 2q no-grad forwards
-        self._perturb(w0, g_hat, sq_norm(g_hat).sqrt(), self.rho)   # w = w0 + rho g_hat / ||g_hat||
+        self._perturb(w0, g_hat, l2norm(g_hat), self.rho)  # w = w0 + rho g_hat / ||g_hat||
         return self._final_pass(closure, scaler, w0)                # grad L(w + e), applied at w0
