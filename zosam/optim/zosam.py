@@ -276,9 +276,9 @@ class ZOSAM(PerturbationOptimizer):
                 k = c / self.q
                 for g, d in zip(g_hat, u, strict=True):
                     if i == 0:
-                        torch.mul(d, like(k, g), out=g)            # g_hat = (c / q) u
+                        torch.mul(d, like(k, g), out=g)               # g_hat = (c / q) u
                     else:
-                        g.addcmul_(d, like(k, g))                  # g_hat += (c / q) u
+                        g.addcmul_(d, like(k, g))                     # g_hat += (c / q) u
         self._restore(w0)
         return g_hat
 
@@ -314,6 +314,6 @@ class ZOSAM(PerturbationOptimizer):
         """
         closure = self._check_closure(closure, self.query_fraction)
         w0 = self._save()
-        g_hat = self._estimate(closure, w0)                         # 2q no-grad forwards
+        g_hat = self._estimate(closure, w0)                # 2q no-grad forwards
         self._perturb(w0, g_hat, l2norm(g_hat), self.rho)  # w = w0 + rho g_hat / ||g_hat||
-        return self._final_pass(closure, scaler, w0)                # grad L(w + e), applied at w0
+        return self._final_pass(closure, scaler, w0)       # grad L(w + e), applied at w0
