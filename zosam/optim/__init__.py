@@ -2,7 +2,7 @@
 (ESAM, LookSAM, GSAM, RWP, AsyncSAM, MSAM).
 
 All share one API (:class:`PerturbationOptimizer`): ``step(closure, *, scaler=None)``,
-``set_masks`` (the ``zosam.sparse.Maskable`` interface), ``params()``,
+``set_masks`` (the ``zosam.sparse.masks.Maskable`` interface), ``params()``,
 ``frozen_batchnorm()``, ``pass_counts``, ``skipped_perturbations``, ``state_dict``; their
 parameters live in flat buffers (:class:`FlatParams`) and their random directions come
 from samplers (:mod:`zosam.optim.samplers`). ``OPTIMIZERS`` maps the names used in run
