@@ -457,14 +457,15 @@ class PerturbationOptimizer(torch.optim.Optimizer, Maskable):
 
     @torch.no_grad()
     def _perturb(self, w0: FlatList, direction: FlatList, norm: Tensor, radius: float | Tensor,
-                 *, may_be_nonfinite: bool = True) -> Tensor:
+                 *, may_be_nonfinite: bool = True, valid: Tensor | None = None) -> Tensor:
         """``w = w0 + radius * direction / norm``, or ``w = w0`` where ``norm`` is zero or not
-        finite (decided on the device and counted in ``skipped_perturbations``).
+        finite or ``valid`` (a device bool) is false (decided on the device and counted in
+        ``skipped_perturbations``).
 
         ``direction`` must already be restricted to the active weights; it is cleaned of
         non-finite entries in place when ``may_be_nonfinite``. Returns the device bool ``ok``.
         """
-        ok = usable(norm)
+        ok = usable(norm) if valid is None else usable(norm) & valid
         scale = torch.where(ok, radius / norm, torch.zeros_like(norm))
         if may_be_nonfinite:
             for d in direction:

@@ -248,10 +248,11 @@ class ZOSAM(PerturbationOptimizer):
         self._guided.fit(surrogates, self._mask, self.active)
 
     @torch.no_grad()
-    def _estimate(self, closure: Closure, w0: FlatList) -> FlatList:
+    def _estimate(self, closure: Closure, w0: FlatList) -> tuple[FlatList, Tensor]:
         """``g_hat = (1/q) sum_i c_i u_i`` into a flat buffer (MeZO's zo_step, q times):
         perturb +, loss, perturb -, loss, accumulate; the weights end at ``w0`` exactly.
-        A non-finite loss difference makes ``g_hat`` non-finite, which the step then skips."""
+        Returns ``g_hat`` and a device bool, false if a loss difference was not finite (that
+        query then adds nothing, so ``g_hat`` stays finite, and the step skips)."""
         if self._guided is not None:
             self._fit_guide()
         if self.directions == "sphere":
@@ -259,6 +260,7 @@ class ZOSAM(PerturbationOptimizer):
         w, u = self.flat.flats, self._flat("u")
         g_hat = u if self.q == 1 else self._flat("g_hat")  # q = 1: g_hat = (c / q) u, scaled in place
         mu = self.mu
+        finite: Tensor | None = None
         with self.frozen_batchnorm(), self._forked_rng():
             l0 = self._loss(closure, self._noise_seed(0)) if self.difference == "forward" else None
             for i in range(self.q):
@@ -273,14 +275,17 @@ class ZOSAM(PerturbationOptimizer):
                     c = (l_plus - self._loss(closure, noise)) / (2 * mu)  # central difference
                 else:
                     c = (l_plus - l0) / mu                            # forward difference
-                k = c / self.q
+                ok = torch.isfinite(c)
+                finite = ok if finite is None else finite & ok
+                k = torch.where(ok, c / self.q, torch.zeros_like(c))
                 for g, d in zip(g_hat, u, strict=True):
                     if i == 0:
                         torch.mul(d, like(k, g), out=g)               # g_hat = (c / q) u
                     else:
                         g.addcmul_(d, like(k, g))                     # g_hat += (c / q) u
         self._restore(w0)
-        return g_hat
+        assert finite is not None
+        return g_hat, finite
 
     def estimate_gradient(self, closure: Closure) -> list[Tensor] | None:
         """The RGE ``g_hat`` of the current step's directions, one tensor per parameter
@@ -293,8 +298,8 @@ class ZOSAM(PerturbationOptimizer):
         counts = dict(self._counts)
         w0 = self._save()
         try:
-            g_hat = self._estimate(closure, w0)
-            if not bool(usable(sq_norm(g_hat))):
+            g_hat, finite = self._estimate(closure, w0)
+            if not bool(usable(sq_norm(g_hat)) & finite):
                 return None
             return [v.clone() for v in self.flat.views(g_hat)]
         finally:
@@ -314,6 +319,7 @@ class ZOSAM(PerturbationOptimizer):
         """
         closure = self._check_closure(closure, self.query_fraction)
         w0 = self._save()
-        g_hat = self._estimate(closure, w0)                # 2q no-grad forwards
-        self._perturb(w0, g_hat, l2norm(g_hat), self.rho)  # w = w0 + rho g_hat / ||g_hat||
+        g_hat, finite = self._estimate(closure, w0)        # 2q no-grad forwards
+        self._perturb(w0, g_hat, l2norm(g_hat), self.rho,  # w = w0 + rho g_hat / ||g_hat||
+                      may_be_nonfinite=False, valid=finite)
         return self._final_pass(closure, scaler, w0)       # grad L(w + e), applied at w0
