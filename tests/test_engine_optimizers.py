@@ -72,7 +72,7 @@ def test_zo_cosine_diagnostic_compares_active_weights_with_active_weights() -> N
     reported = trainer.diagnostics(x, y)["diag_cosine"]
     closure = trainer._closure(x, y, {})
     g_hat = torch.cat([g.reshape(-1) for g in opt.estimate_gradient(closure)])  # the same draw again
-    params = list(opt._params())
+    params = opt.params()
     grads = torch.autograd.grad(closure(), params)
     dense = torch.cat([g.reshape(-1) for g in grads])
     active = torch.cat([(g * opt.masks[p] if p in opt.masks else g).reshape(-1)

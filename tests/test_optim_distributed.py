@@ -1,5 +1,7 @@
 """ZO-SAM under torch.distributed (gloo, 2 CPU processes) equals one process on the whole batch,
-with Gaussian and with guided directions (one spawn for both: starting the processes is the cost)."""
+with Gaussian and with guided directions, and with the optimizer (which moves the parameters
+into its flat buffer) built after or before the DDP wrap (one spawn for all: starting the
+processes is the cost)."""
 
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from zosam.optim import ZOSAM, make_closure
 pytestmark = pytest.mark.distributed
 
 STEPS, BATCH = 4, 16
-DIRECTIONS = ("gaussian", "guided")
+# "gaussian-before": the optimizer built before the DDP wrap, as the engine does; the others after it.
+VARIANTS = ("gaussian", "guided", "gaussian-before")
 
 
 def _model() -> nn.Module:  # no BatchNorm: per-rank batch statistics would differ
@@ -40,25 +43,29 @@ def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
             for _ in range(STEPS)]
 
 
-def _train(model: nn.Module, rank: int, world: int, directions: str) -> None:
+def _train(model: nn.Module, rank: int, world: int, variant: str, wrap: bool = False) -> None:
     # Guided: the surrogates (the DDP-averaged applied gradient and the momentum built from
     # it) must be the same on every rank, or the ranks would perturb differently.
     opt = ZOSAM(model.parameters(), torch.optim.SGD, model=model, q=2, mu=1e-2, seed=5, lr=0.2, momentum=0.9,
-                directions=directions, guide="gradient+momentum", alpha=0.3)
+                directions=variant.split("-")[0], guide="gradient+momentum", alpha=0.3)
+    net = DDP(model) if wrap else model
     half = BATCH // world
     for x, y in _batches():
         xs, ys = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
-        opt.step(make_closure(model, F.cross_entropy, xs, ys))
+        opt.step(make_closure(net, F.cross_entropy, xs, ys))
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        for directions in DIRECTIONS:
+        for variant in VARIANTS:
             model = _model()
-            _train(DDP(model), rank, world, directions)
-            torch.save([p.detach() for p in model.parameters()], f"{out}/{directions}{rank}.pt")
+            if variant.endswith("before"):
+                _train(model, rank, world, variant, wrap=True)
+            else:
+                _train(DDP(model), rank, world, variant)
+            torch.save([p.detach() for p in model.parameters()], f"{out}/{variant}{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -71,11 +78,11 @@ def _free_port() -> int:
 
 def test_two_gloo_ranks_match_one_process_on_the_whole_batch(tmp_path: Path) -> None:
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    for directions in DIRECTIONS:
-        r0 = torch.load(tmp_path / f"{directions}0.pt", weights_only=True)
-        r1 = torch.load(tmp_path / f"{directions}1.pt", weights_only=True)
+    for variant in VARIANTS:
+        r0 = torch.load(tmp_path / f"{variant}0.pt", weights_only=True)
+        r1 = torch.load(tmp_path / f"{variant}1.pt", weights_only=True)
         single = _model()
-        _train(single, 0, 1, directions)
+        _train(single, 0, 1, variant)
         for a, b, s in zip(r0, r1, single.parameters(), strict=True):
             assert torch.equal(a, b)  # every rank perturbs and updates identically
             torch.testing.assert_close(a, s.detach(), rtol=1e-10, atol=1e-12)

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from zosam.data import DataConfig
+from zosam.optim.base import COMPILE_MODES
 from zosam.optimizer_factory import build_optimizer, optimizer_hyper
 from zosam.sparse import SparsityConfig
 from zosam.validate import (
@@ -103,6 +104,8 @@ class OptimizerConfig:
 
     ``hyper`` holds the keyword arguments of both classes (``lr``, ``momentum``, ``rho``,
     ``mu``, ``q``, ...). They are validated by building the optimizer on a dummy tensor.
+    ``compile``: ``none`` (eager) or ``graphs`` (ZO-SAM's query passes replayed from CUDA
+    graphs; ignored on the CPU, see ``zosam.optim.graphs``).
     """
 
     name: str = "base"
@@ -112,6 +115,7 @@ class OptimizerConfig:
     # No weight decay on norms, biases and the model's no_weight_decay() names (pos_embed,
     # cls_token): timm's create_optimizer(filter_bias_and_bn=True), as DeiT trains.
     filter_bias_and_bn: bool = False
+    compile: str = "none"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> OptimizerConfig:
@@ -122,7 +126,10 @@ class OptimizerConfig:
         if not isinstance(filter_bias_and_bn, bool):
             raise ConfigError(f"optimizer.filter_bias_and_bn={show(filter_bias_and_bn)} is invalid; "
                               "allowed: true, false")
-        cfg = cls(name, base, max_grad_norm, optimizer_hyper(name, base, d), filter_bias_and_bn=filter_bias_and_bn)
+        compile_mode = d.pop("compile", "none")
+        choice("optimizer.compile", compile_mode, COMPILE_MODES)
+        cfg = cls(name, base, max_grad_norm, optimizer_hyper(name, base, d), filter_bias_and_bn=filter_bias_and_bn,
+                  compile=compile_mode)
         cfg.build(torch.nn.Linear(1, 1), model=None)  # validates every value, cheaply
         return cfg
 
@@ -130,7 +137,8 @@ class OptimizerConfig:
               default_seed: int | None = None):
         """The optimizer over ``params_from``'s parameters (:func:`zosam.optimizer_factory.build_optimizer`)."""
         return build_optimizer(self.name, self.base, self.hyper, self.max_grad_norm, params_from, model=model,
-                               default_seed=default_seed, filter_bias_and_bn=self.filter_bias_and_bn)
+                               default_seed=default_seed, filter_bias_and_bn=self.filter_bias_and_bn,
+                               compile=self.compile)
 
     def to_dict(self) -> dict[str, Any]:
         out = {"name": self.name, "base": self.base, **self.hyper}
@@ -138,6 +146,8 @@ class OptimizerConfig:
             out["max_grad_norm"] = self.max_grad_norm
         if self.filter_bias_and_bn:
             out["filter_bias_and_bn"] = True
+        if self.compile != "none":
+            out["compile"] = self.compile
         return out
 
 

@@ -29,7 +29,7 @@ from zosam.console import eprint, progress_bar
 from zosam.data import load_dataset, make_loaders
 from zosam.models import create_model
 from zosam.optim import make_closure, wide
-from zosam.optim.guided import masked_dot
+from zosam.optim.diagnostics import zo_diagnostics
 from zosam.recipe import ModelEma, StepMixup, soft_target_loss, train_accuracy_targets
 from zosam.sparse import Masking
 from zosam.validate import ConfigError
@@ -174,11 +174,12 @@ class Trainer:
                                       **cfg.model.kwargs).to(self.device, cfg.torch_dtype)
         self.masking = Masking(self.model, cfg.sparse, self.total_steps, generator_seed=cfg.seed,
                                input_shape=self.data.input_shape)
+        # Built before the DDP wrap: the optimizer moves the parameters into flat buffers.
+        self.optimizer = cfg.optimizer.build(self.model, model=self.model, default_seed=cfg.seed)
         self.net: nn.Module = self.model
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.optimizer = cfg.optimizer.build(self.model, model=self.model, default_seed=cfg.seed)
         base_lr = self.optimizer.param_groups[0]["lr"]
         warmup = round(cfg.schedule.warmup_epochs * self.steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -363,32 +364,7 @@ class Trainer:
         Extra passes outside the optimizer's accounting; weights and BN statistics are
         left as they were. Only optimizers with ``estimate_gradient`` (ZO-SAM) report them.
         """
-        opt = self.optimizer
-        if not hasattr(opt, "estimate_gradient"):
-            return {}
-        closure = make_closure(self.net, self.loss_fn, x, y, autocast=self.autocast)
-        g_hat = opt.estimate_gradient(closure)
-        if g_hat is None:
-            return {}
-        params = list(opt._params())
-        with opt._frozen_batchnorm():
-            loss0 = closure()
-            grads = torch.autograd.grad(loss0, params, allow_unused=True)
-        # Like with like: the estimate lives on the active weights, so is the gradient it is
-        # compared with (pruned weights' gradients cannot move the weights).
-        grads = [None if g is None else (g * opt.masks[p] if p in opt.masks else g)
-                 for p, g in zip(params, grads, strict=True)]
-        dot = masked_dot(params, {}, g_hat, grads)
-        na = math.sqrt(max(masked_dot(params, {}, g_hat, g_hat), 0.0))
-        nb = math.sqrt(max(masked_dot(params, {}, grads, grads), 0.0))
-        saved = [p.detach().clone() for p in params]
-        with torch.no_grad(), opt._frozen_batchnorm():
-            for p, g in zip(params, g_hat, strict=True):
-                p.add_(g, alpha=opt.rho / na)
-            loss_e = float(closure())
-            for p, s in zip(params, saved, strict=True):
-                p.copy_(s)
-        return {"diag_cosine": dot / (na * nb + 1e-30), "diag_sharpness_gap": loss_e - float(loss0.detach())}
+        return zo_diagnostics(self.optimizer, make_closure(self.net, self.loss_fn, x, y, autocast=self.autocast))
 
     def fit(self) -> dict[str, Any]:
         """Train from ``start_epoch`` to the end; returns the summary (see ``summary``)."""

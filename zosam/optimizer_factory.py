@@ -19,7 +19,7 @@ from zosam.recipe import weight_decay_groups
 from zosam.validate import choice, in_range, prefixed, section
 
 #: Arguments of the wrapper classes that are not hyperparameters of a config.
-WRAPPER_ARGS = {"self", "params", "base_optimizer", "model", "max_grad_norm", "base_kwargs", "kwargs"}
+WRAPPER_ARGS = {"self", "params", "base_optimizer", "model", "max_grad_norm", "compile", "base_kwargs", "kwargs"}
 
 
 def optimizer_hyper(name: str, base: str, d: Mapping[str, Any]) -> dict[str, Any]:
@@ -48,11 +48,13 @@ def optimizer_hyper(name: str, base: str, d: Mapping[str, Any]) -> dict[str, Any
 
 def build_optimizer(name: str, base: str, hyper: Mapping[str, Any], max_grad_norm: float | None,
                     params_from: torch.nn.Module, *, model: torch.nn.Module | None,
-                    default_seed: int | None = None, filter_bias_and_bn: bool = False):
+                    default_seed: int | None = None, filter_bias_and_bn: bool = False,
+                    compile: str = "none"):
     """Optimizer ``name`` over ``params_from``'s parameters; ``model`` freezes its BatchNorm.
 
     ``filter_bias_and_bn`` puts norms, biases and the model's ``no_weight_decay()`` names in
-    a group without weight decay (timm's rule, as DeiT trains).
+    a group without weight decay (timm's rule, as DeiT trains); ``compile`` is the
+    optimizer's pass mode (``none`` or ``graphs``, see ``zosam.optim.base.COMPILE_MODES``).
 
     Optimizers with a ``seed`` argument (ZO-SAM's directions, ...) get ``default_seed``
     (the run's seed) unless ``hyper`` sets their own. Whatever the constructors reject is a
@@ -64,4 +66,4 @@ def build_optimizer(name: str, base: str, hyper: Mapping[str, Any], max_grad_nor
         hyper.setdefault("seed", default_seed)
     params = weight_decay_groups(params_from, hyper["weight_decay"]) if filter_bias_and_bn else None
     return prefixed("optimizer", cls, params or params_from.parameters(), BASE_OPTIMIZERS.get(base),
-                    model=model, max_grad_norm=max_grad_norm, **hyper)
+                    model=model, max_grad_norm=max_grad_norm, compile=compile, **hyper)

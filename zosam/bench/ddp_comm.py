@@ -98,8 +98,8 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
             net = DDP(model)
             net.register_comm_hook(None, _grad_hook(counter))
             name, kwargs = parse_method(spec)
-            opt = OPTIMIZERS.get(name)(model.parameters(), torch.optim.SGD, model=model, lr=0.01, momentum=0.9,
-                                       **kwargs)
+            cls = OPTIMIZERS.get(OPTIMIZERS.canonical(name))
+            opt = cls(model.parameters(), torch.optim.SGD, model=model, lr=0.01, momentum=0.9, **kwargs)
             g = torch.Generator().manual_seed(1 + rank)
             size = args.image_size
             x = torch.randn(args.batch_size, 3, size, size, generator=g)

@@ -8,6 +8,26 @@ so ZO-SAM's cost can be checked against its budget: ``SGD step + n_no_grad * for
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` around one step; on the CPU
 the peak growth of the resident set size during one step (sampled every 0.5 ms) in a
 fresh subprocess that built the model and the batch and ran one warm-up step.
+
+``--count-ops`` adds, per method, what a step issues (``torch.profiler``, after warm-up,
+over ``--count-steps`` steps, so LookSAM's every-k-th SAM step is averaged in):
+
+- ``ops``: top-level aten ops per step, i.e. ``aten::`` events with no ``aten::`` event
+  above them (a call such as ``_foreach_add_`` counts once, not its sub-calls; backward
+  ops run under ``autograd::engine`` nodes and count too). On a GPU each is one kernel
+  launch or more, which is what a launch-bound step pays for.
+- ``extra``: ops beyond the method's passes: ``ops - ops(SGD) - (F - 1) fwd - N nograd -
+  (B - 1) bwd`` with F, N, B its passes per step and ``fwd`` / ``nograd`` / ``bwd`` the
+  ops of one forward with autograd (loss included), one no-grad forward and one
+  backward, profiled alone. The extra passes run with BatchNorm statistics frozen (as
+  every pass but the final one does: no ``num_batches_tracked`` update, one op fewer per
+  BN layer), so ``fwd`` and ``nograd`` are profiled frozen; SGD's extra is 0 by
+  construction.
+- ``syncs``: host synchronisations per step: ``aten::_local_scalar_dense`` (every
+  ``.item()``, ``float(t)``, ``bool(t)`` of a tensor), ``aten::nonzero``,
+  ``aten::equal`` / ``aten::allclose`` (these read a result back on a GPU) and, on CUDA,
+  the ``cuda*Synchronize`` runtime calls. On the CPU a read-back costs nothing, but each
+  one drains the GPU queue, so they are counted where they would be issued.
 """
 
 from __future__ import annotations
@@ -51,7 +71,8 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
         if not eq:
             raise ValueError(f"method {spec!r}: expected key=value, got {item!r}")
         kwargs[key.strip()] = parse_value(value)
-    OPTIMIZERS.get(name)  # unknown names fail here, listing the allowed ones
+    # unknown names fail here, listing the allowed ones; "sgd" stays the benchmarks' label of the base optimizer
+    OPTIMIZERS.get(OPTIMIZERS.canonical(name))
     return name, kwargs
 
 
@@ -59,8 +80,9 @@ def _setup(args: argparse.Namespace, spec: str, device: torch.device):
     name, kwargs = parse_method(spec)
     model = create_model(args.model, num_classes=10, **({"width": args.width} if args.width else {})).to(device)
     model.train()
-    opt: PerturbationOptimizer = OPTIMIZERS.get(name)(
-        model.parameters(), torch.optim.SGD, model=model, lr=0.01, momentum=0.9, **kwargs)
+    opt: PerturbationOptimizer = OPTIMIZERS.get(OPTIMIZERS.canonical(name))(
+        model.parameters(), torch.optim.SGD, model=model, lr=0.01, momentum=0.9,
+        **{"compile": args.compile, **kwargs})
     g = torch.Generator().manual_seed(0)
     size = args.image_size
     x = torch.randn(args.batch_size, 3, size, size, generator=g).to(device)
@@ -145,6 +167,84 @@ def _peak_memory(argv: Sequence[str], spec: str) -> float:
     return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
+SYNC_EVENTS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::equal", "aten::allclose",
+               "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def _profile_counts(fn, n: int) -> tuple[float, float]:
+    """(top-level aten ops, host syncs) per call of ``fn``, averaged over ``n`` calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        for _ in range(n):
+            fn()
+    ops = syncs = 0
+    for ev in prof.events():
+        if ev.name in SYNC_EVENTS:
+            syncs += 1
+        if not ev.name.startswith("aten::"):
+            continue
+        parent = ev.cpu_parent
+        while parent is not None and not parent.name.startswith("aten::"):
+            parent = parent.cpu_parent
+        ops += parent is None
+    return ops / n, syncs / n
+
+
+def _pass_ops(model, opt, closure, device: torch.device) -> dict[str, float]:
+    """Top-level ops of one forward with autograd (with the loss), one backward, one no-grad
+    forward; the forwards with BatchNorm frozen, as the extra passes of a step run."""
+    def fwd():
+        with torch.enable_grad(), opt.frozen_batchnorm():
+            return closure()
+
+    def nograd():
+        with torch.no_grad(), opt.frozen_batchnorm():
+            closure()
+
+    loss = [None]
+
+    def backward():
+        loss[0].backward()
+
+    fwd(), nograd()  # warm
+    out = {"fwd": _profile_counts(fwd, 3)[0], "nograd": _profile_counts(nograd, 3)[0]}
+    n, total = 3, 0.0
+    for _ in range(n):
+        loss[0] = fwd()
+        total += _profile_counts(backward, 1)[0]
+        model.zero_grad(set_to_none=True)
+    out["bwd"] = total / n
+    _sync(device)
+    return out
+
+
+def count_ops(setups: dict[str, Any], steps: int, device: torch.device) -> dict[str, dict[str, float]]:
+    """Per method: ``ops``, ``extra`` and ``syncs`` per step (see the module docstring)."""
+    model, sgd_opt, closure, _, _ = setups["sgd"]
+    passes = _pass_ops(model, sgd_opt, closure, device)
+    out: dict[str, dict[str, float]] = {}
+    for m, (_, opt, cl, scaler, _) in setups.items():
+        before = opt.pass_counts
+
+        def run(opt=opt, cl=cl, scaler=scaler) -> None:
+            opt.step(cl, scaler=scaler)
+            if scaler is not None:
+                scaler.update()
+
+        ops, syncs = _profile_counts(run, steps)
+        after = opt.pass_counts
+        f, n, b = ((after[k] - before[k]) / steps for k in ("forward", "forward_no_grad", "backward"))
+        out[m] = {"ops": ops, "syncs": syncs, "F": f, "N": n, "B": b}
+    sgd = out["sgd"]["ops"]
+    for r in out.values():
+        r["extra"] = r["ops"] - sgd - (r["F"] - 1) * passes["fwd"] - r["N"] * passes["nograd"] \
+            - (r["B"] - 1) * passes["bwd"]
+    out["_passes"] = passes
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zosam bench step-cost", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="resnet32")
@@ -159,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", action="store_true", help="autocast (bf16 on CPU, fp16 + GradScaler on CUDA)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--compile", choices=("none", "graphs"), default="none",
+                   help="the optimizers' compile mode: graphs replays ZO-SAM's query passes from CUDA graphs "
+                        "(methods without query passes, SGD included, run as in eager mode)")
+    p.add_argument("--count-ops", action="store_true",
+                   help="also count top-level aten ops, ops beyond the passes and host syncs per step")
+    p.add_argument("--count-steps", type=int, default=5, help="steps profiled per method by --count-ops")
     add_tracking_uri(p, "--mlflow", dest="mlflow", help="also log to this MLflow tracking URI")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     return p
@@ -189,24 +295,29 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
             if r >= args.warmup:
                 fwd_times[f].append(dt)
     steps = args.warmup + args.rounds
+    counted = count_ops(setups, args.count_steps, device) if args.count_ops else None
     fwd = {f: statistics.median(v) for f, v in fwd_times.items()}
     sgd = statistics.median(times["sgd"])
     rows = []
     for m in methods:
         _, opt, *_ = setups[m]
-        counts = {k: v / steps for k, v in opt.pass_counts.items()}
+        counts = {k: v / (steps + (args.count_steps if counted else 0)) for k, v in opt.pass_counts.items()}
         med = statistics.median(times[m])
         f = parse_method(m)[1].get("query_fraction", 1.0)
         budget = sgd + counts["forward_no_grad"] * fwd[f]
         row = {"method": m, "step_s": med, "vs_sgd": med / sgd, "fwd": counts["forward"],
                "fwd_no_grad": counts["forward_no_grad"], "bwd": counts["backward"],
                "vs_budget": med / budget}
+        if counted is not None:
+            row.update(ops=counted[m]["ops"], extra_ops=counted[m]["extra"], syncs=counted[m]["syncs"])
         if not args.no_memory:
             row["peak_mib"] = _peak_memory(argv, m)
         rows.append(row)
     summary = {"model": args.model, "batch_size": args.batch_size, "device": args.device, "amp": args.amp,
+               "compile": args.compile,
                "rounds": args.rounds, "sgd_step_s": sgd,
-               **{f"forward_no_grad_s@{f:g}": t for f, t in fwd.items()}}
+               **{f"forward_no_grad_s@{f:g}": t for f, t in fwd.items()},
+               **({f"ops_{k}": v for k, v in counted["_passes"].items()} if counted else {})}
     return emit("step_cost", rows, summary, mlflow_uri=args.mlflow)
 
 

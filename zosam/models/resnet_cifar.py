@@ -75,3 +75,16 @@ def resnet32(num_classes: int = 10, width: int = 32, in_channels: int = 3) -> Ci
 def resnet20(num_classes: int = 10, width: int = 16, in_channels: int = 3) -> CifarResNet:
     """CIFAR ResNet-20 (original width 16): a small model for demos and tests."""
     return CifarResNet(20, num_classes, width=width, in_channels=in_channels)
+
+
+@MODELS.register("resnet56")
+def resnet56(num_classes: int = 10, width: int = 16, in_channels: int = 3) -> CifarResNet:
+    """CIFAR ResNet-56 (original width 16): 9 blocks per stage, 173 parameter tensors, so
+    per-tensor costs show their growth with depth next to ResNet-20 and ResNet-32."""
+    return CifarResNet(56, num_classes, width=width, in_channels=in_channels)
+
+
+@MODELS.register("resnet110")
+def resnet110(num_classes: int = 10, width: int = 16, in_channels: int = 3) -> CifarResNet:
+    """CIFAR ResNet-110 (original width 16): 18 blocks per stage, 335 parameter tensors."""
+    return CifarResNet(110, num_classes, width=width, in_channels=in_channels)

@@ -2,7 +2,10 @@
 (ESAM, LookSAM, GSAM, RWP, AsyncSAM, MSAM).
 
 All share one API (:class:`PerturbationOptimizer`): ``step(closure, *, scaler=None)``,
-``set_masks``, ``pass_counts``, ``state_dict``. ``OPTIMIZERS`` maps the names used in run
+``set_masks`` (the ``zosam.sparse.masks.Maskable`` interface), ``params()``,
+``frozen_batchnorm()``, ``pass_counts``, ``skipped_perturbations``, ``state_dict``; their
+parameters live in flat buffers (:class:`FlatParams`) and their random directions come
+from samplers (:mod:`zosam.optim.samplers`). ``OPTIMIZERS`` maps the names used in run
 configs to the classes; ``BASE_OPTIMIZERS`` maps base-optimizer names to torch classes.
 """
 
@@ -10,12 +13,15 @@ from __future__ import annotations
 
 import torch
 
-from zosam.optim.base import PerturbationOptimizer, apply_masks, global_norm, make_closure, wide
+from zosam.optim.base import PerturbationOptimizer, check_args, global_norm, make_closure, wide
+from zosam.optim.flat import FlatParams
 from zosam.optim.guided import GUIDES, GuidedDirections
 from zosam.optim.peers import ESAM, GSAM, MSAM, RWP, AsyncSAM, LookSAM
 from zosam.optim.sam import SAM, FirstOrder
+from zosam.optim.samplers import Bernoulli, DirectionSampler, Gaussian, Sphere
 from zosam.optim.zosam import ZOSAM, derive_seed
 from zosam.registry import Registry
+from zosam.sparse.masks import apply_masks
 
 OPTIMIZERS: Registry = Registry("optimizer")
 OPTIMIZERS.register("base")(FirstOrder)  # the base optimizer alone, whichever it is
@@ -44,11 +50,17 @@ __all__ = [
     "SAM",
     "ZOSAM",
     "AsyncSAM",
+    "Bernoulli",
+    "DirectionSampler",
     "FirstOrder",
+    "FlatParams",
+    "Gaussian",
     "GuidedDirections",
     "LookSAM",
     "PerturbationOptimizer",
+    "Sphere",
     "apply_masks",
+    "check_args",
     "derive_seed",
     "global_norm",
     "make_closure",

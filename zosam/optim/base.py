@@ -2,15 +2,22 @@
 
 A :class:`PerturbationOptimizer` wraps a base ``torch.optim.Optimizer`` *class* (SGD with
 momentum, AdamW, ...) and shares its ``param_groups``, so learning-rate schedulers attach
-to the wrapper and act on the base. Subclasses implement :meth:`step` from four helpers:
+to the wrapper and act on the base. Its parameters live in flat buffers
+(:class:`~zosam.optim.flat.FlatParams`, one per device and dtype), and so do the saved
+weights, gradients copies, directions, perturbations and masks: each of those operations
+is one op per buffer. Nothing in a step reads a tensor back to the host: norms, loss
+differences and the decision to skip a zero or non-finite perturbation stay on the device
+(``torch.where``), and the skip counter is a device tensor read when asked.
+
+Subclasses write :meth:`step` from these helpers:
 
 - :meth:`_forward` runs the user's closure with or without autograd and counts the pass;
-- :meth:`_frozen_batchnorm` is the context in which every pass but the final one runs, so
+- :meth:`frozen_batchnorm` is the context in which every pass but the final one runs, so
   only the final pass updates BatchNorm running statistics;
-- :meth:`_save` / :meth:`_restore` copy the weights aside and back bit-exactly;
-- :meth:`_update` zeroes gradients, runs the one backward of the final pass (scaled by a
-  ``GradScaler`` if given), unscales, clips, steps the base optimizer and re-applies the
-  sparse masks.
+- :meth:`_save` / :meth:`_restore` copy the weights aside and back bit-exactly (one copy);
+- :meth:`_perturb` sets ``w = w0 + scale * direction`` (one op), skipping on the device;
+- :meth:`_final_pass` runs the last forward and backward at the current (perturbed) weights,
+  restores ``w0`` and applies the update: unscale, clip, base step, re-apply the masks.
 """
 
 from __future__ import annotations
@@ -25,20 +32,83 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from zosam.optim.flat import FlatList, FlatParams, dot, l2norm, like, sq_norm, usable
+from zosam.sparse.masks import Maskable
 from zosam.validate import choice, in_range
 
 Closure = Callable[..., Tensor]
 
+COMPILE_MODES = ("none", "graphs")
+"""``compile``: eager passes, or the no-grad query passes replayed from CUDA graphs
+(:mod:`zosam.optim.graphs`; ignored on the CPU)."""
 
-@torch.no_grad()
-def apply_masks(masks: Mapping[Tensor, Tensor]) -> None:
-    """Zero every pruned weight: ``p *= mask`` for each ``(p, mask)``.
+_RULES: dict[str, dict[str, Any]] = {
+    "positive": {"low": 0, "low_open": True},       # (0, inf)
+    "nonnegative": {"low": 0},                      # [0, inf)
+    "fraction": {"low": 0, "high": 1, "low_open": True},  # (0, 1]
+    "unit": {"low": 0, "high": 1},                  # [0, 1]
+    "count": {"low": 1, "integer": True},           # 1, 2, ...
+    "seed": {"low": 0, "integer": True},            # 0, 1, ...
+}
 
-    The project's single mask-application function: optimizers call it after every step,
-    ``zosam.sparse.Masking.apply`` calls it for plain torch optimizers.
+
+def check_args(**args: tuple[Any, str | tuple[str, ...]]) -> None:
+    """The one constructor check of every optimizer: ``name=(value, rule)``.
+
+    ``rule`` is one of ``positive``, ``nonnegative``, ``fraction`` ((0, 1]), ``unit``
+    ([0, 1]), ``count`` (integer >= 1), ``seed`` (integer >= 0), ``bool``, or a tuple of
+    allowed strings. Raises ``ValueError`` naming the field and what is allowed.
     """
-    for p, m in masks.items():
-        p.mul_(m)
+    for name, (value, rule) in args.items():
+        if isinstance(rule, tuple):
+            choice(name, value, rule)
+        elif rule == "bool":
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}={value!r} is invalid; allowed: True, False")
+        else:
+            in_range(name, value, **_RULES[rule])
+
+
+class BatchClosure:
+    """The closure :func:`make_closure` returns: ``loss_fn(model(x), y)`` on one batch.
+
+    ``closure(fraction=1.0, *, indices=None, reduction="mean")`` returns the loss; it never
+    calls backward. ``inputs`` / ``targets`` are the batch and :meth:`rebind` the same
+    closure on other tensors of that shape (the static input buffers of a CUDA graph).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[..., Tensor], inputs: Tensor, targets: Tensor, *,
+                 autocast: torch.autocast | None = None,
+                 record: Callable[[Tensor, Tensor], None] | None = None) -> None:
+        self.model, self.loss_fn, self.inputs, self.targets = model, loss_fn, inputs, targets
+        self.autocast, self.record = autocast, record
+
+    def rebind(self, inputs: Tensor, targets: Tensor) -> BatchClosure:
+        """This closure on ``inputs`` / ``targets`` (without ``record``)."""
+        return BatchClosure(self.model, self.loss_fn, inputs, targets, autocast=self.autocast)
+
+    def __call__(self, fraction: float = 1.0, *, indices: Tensor | None = None, reduction: str = "mean") -> Tensor:
+        choice("reduction", reduction, ("mean", "none"))
+        inputs, targets = self.inputs, self.targets
+        if indices is not None:
+            if fraction < 1.0:
+                raise ValueError("closure: pass either fraction < 1 or indices, not both")
+            x, y = inputs[indices], targets[indices]
+        else:
+            n = inputs.shape[0] if fraction >= 1.0 else max(1, math.ceil(fraction * inputs.shape[0]))
+            x, y = (inputs, targets) if n == inputs.shape[0] else (inputs[:n], targets[:n])
+        kwargs = {} if reduction == "mean" else {"reduction": reduction}
+        if self.autocast is None:
+            out = self.model(x)
+        else:
+            with self.autocast:
+                out = self.model(x)
+        if self.record is not None and indices is None and fraction >= 1.0 and torch.is_grad_enabled():
+            self.record(out.detach(), y)
+        if self.autocast is None:
+            return self.loss_fn(out, y, **kwargs)
+        with self.autocast:
+            return self.loss_fn(out, y, **kwargs)
 
 
 def make_closure(
@@ -49,8 +119,8 @@ def make_closure(
     *,
     autocast: torch.autocast | None = None,
     record: Callable[[Tensor, Tensor], None] | None = None,
-) -> Closure:
-    """Build the standard closure for :meth:`PerturbationOptimizer.step`.
+) -> BatchClosure:
+    """Build the standard closure for :meth:`PerturbationOptimizer.step` (a :class:`BatchClosure`).
 
     ``closure(fraction=1.0, *, indices=None, reduction="mean")`` runs
     ``loss_fn(model(x), y)`` and returns the loss; it never calls backward.
@@ -70,30 +140,7 @@ def make_closure(
     the whole batch with autograd on (any ``reduction``), e.g. to count correct
     predictions; the last such pass of a step is the one an optimizer trains on.
     """
-
-    def closure(fraction: float = 1.0, *, indices: Tensor | None = None, reduction: str = "mean") -> Tensor:
-        choice("reduction", reduction, ("mean", "none"))
-        if indices is not None:
-            if fraction < 1.0:
-                raise ValueError("closure: pass either fraction < 1 or indices, not both")
-            x, y = inputs[indices], targets[indices]
-        else:
-            n = inputs.shape[0] if fraction >= 1.0 else max(1, math.ceil(fraction * inputs.shape[0]))
-            x, y = inputs[:n], targets[:n]
-        kwargs = {} if reduction == "mean" else {"reduction": reduction}
-        if autocast is None:
-            out = model(x)
-        else:
-            with autocast:
-                out = model(x)
-        if record is not None and indices is None and fraction >= 1.0 and torch.is_grad_enabled():
-            record(out.detach(), y)
-        if autocast is None:
-            return loss_fn(out, y, **kwargs)
-        with autocast:
-            return loss_fn(out, y, **kwargs)
-
-    return closure
+    return BatchClosure(model, loss_fn, inputs, targets, autocast=autocast, record=record)
 
 
 def _accepts(fn: Callable[..., Any], keyword: str) -> bool:
@@ -104,13 +151,14 @@ def _accepts(fn: Callable[..., Any], keyword: str) -> bool:
 def wide(t: Tensor) -> Tensor:
     """``t`` in at least float32: half-precision losses and norms are lifted, float64 stays
     float64 (so float64 runs keep their precision through norms and loss differences)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+    dtype = torch.promote_types(t.dtype, torch.float32)
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def global_norm(tensors: list[Tensor]) -> float:
-    """The L2 norm of a list of tensors as one vector, in at least float32; the per-tensor
-    norms are moved to one device before they are stacked (a model may span devices) and
-    read back with one synchronisation. 0.0 for an empty list."""
+    """The L2 norm of a list of tensors as one vector, in at least float32, read back to
+    the host (one synchronisation: for diagnostics and tests, not for a step). 0.0 for an
+    empty list."""
     if not tensors:
         return 0.0
     norms = torch._foreach_norm(tensors)
@@ -118,14 +166,38 @@ def global_norm(tensors: list[Tensor]) -> float:
     return float(torch.linalg.vector_norm(torch.stack([wide(n).to(dev) for n in norms])))
 
 
-class PerturbationOptimizer(torch.optim.Optimizer):
+def _fast_base_kwargs(base: type[torch.optim.Optimizer], params: list[Tensor],
+                      kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``fused=True`` where torch has a fused kernel for the base optimizer and every
+    parameter's device and dtype, else ``foreach=True`` (one multi-tensor op per state
+    update), unless the caller chose. A fused step also lets a ``GradScaler`` skip an
+    overflowing step on the device instead of reading ``found_inf`` back."""
+    accepted = inspect.signature(base).parameters
+    if "fused" in kwargs or "foreach" in kwargs or not params:
+        return kwargs
+    if "fused" in accepted:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+        devices = set(_get_fused_kernels_supported_devices())
+        if all(p.device.type in devices and p.is_floating_point() for p in params):
+            return {**kwargs, "fused": True}
+    if "foreach" in accepted:
+        return {**kwargs, "foreach": True}
+    return kwargs
+
+
+class PerturbationOptimizer(torch.optim.Optimizer, Maskable):
     """Base class: a wrapper around a base optimizer that owns the passes of a step.
 
     Args:
         params: iterable of parameters or parameter-group dicts, as for any optimizer.
+            They are moved into flat buffers (see :mod:`zosam.optim.flat`): build the
+            optimizer after ``model.to(device)`` and before wrapping the model in DDP.
         base_optimizer: a ``torch.optim.Optimizer`` subclass (not an instance), e.g.
             ``torch.optim.SGD``; it is built on the wrapper's parameter groups with
-            ``**base_kwargs`` and holds the state (momentum, Adam moments).
+            ``**base_kwargs`` and holds the state (momentum, Adam moments). Unless
+            ``fused`` or ``foreach`` is given, the fused kernel is used where torch has
+            one (else ``foreach``).
         defaults: the wrapper's own hyperparameters (stored in every parameter group).
         model: the ``nn.Module`` being trained, required as a keyword so it cannot be
             forgotten silently. It is used to keep BatchNorm running statistics unchanged
@@ -134,6 +206,10 @@ class PerturbationOptimizer(torch.optim.Optimizer):
             running statistics updated by every query/perturbation pass too.
         max_grad_norm: clip the gradient applied by the update to this global L2 norm
             (after unscaling under a ``GradScaler``); ``None`` disables clipping.
+        compile: ``"none"`` (eager) or ``"graphs"``: replay the no-grad query passes
+            (ZO-SAM's) from a CUDA graph (:mod:`zosam.optim.graphs`); optimizers without
+            query passes and CPU runs ignore it, and anything capture cannot handle falls
+            back to eager with a message.
         **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ...).
     """
 
@@ -145,8 +221,10 @@ class PerturbationOptimizer(torch.optim.Optimizer):
         *,
         model: nn.Module | None,
         max_grad_norm: float | None = None,
+        compile: str = "none",
         **base_kwargs: Any,
     ) -> None:
+        check_args(compile=(compile, COMPILE_MODES))
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
             raise ValueError(
                 f"base_optimizer={base_optimizer!r} is invalid; must be a torch.optim.Optimizer "
@@ -157,44 +235,95 @@ class PerturbationOptimizer(torch.optim.Optimizer):
         if model is not None and not isinstance(model, nn.Module):
             raise ValueError(f"model={type(model).__name__} is invalid; must be an nn.Module or None")
         super().__init__(params, defaults)
-        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        trainable = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        self.flat = FlatParams(trainable)
+        self.base_optimizer = base_optimizer(self.param_groups, **_fast_base_kwargs(base_optimizer, trainable,
+                                                                                     base_kwargs))
         # Share the groups so schedulers and param-group edits reach the base optimizer.
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
         self.model = model
         self.max_grad_norm = max_grad_norm
+        self.compile = compile
         self.masks: dict[Tensor, Tensor] = {}
+        self._mask: FlatList | None = None  # flat 0/1 masks (1 for unmasked tensors)
+        self.active = self.flat.numel  # number of active (perturbed) weights
         self.step_count = 0
         self._counts = {"forward": 0, "forward_no_grad": 0, "backward": 0}
-        self.skipped_perturbations = 0
+        self._skipped = torch.zeros((), dtype=torch.int64, device=self.flat.flats[0].device if trainable else None)
+        self._bn_layers: list[_BatchNorm] | None = None
+        self._buffers: dict[str, FlatList] = {}
+        self._views: dict[str, list[Tensor]] = {}
         # The gradient applied by the last update (unscaled, clipped, dense), kept only by
         # optimizers that ascend along it (AsyncSAM, guided ZO-SAM): see _keep_gradient.
-        self.last_gradient: list[Tensor | None] | None = None
         self._keeps_gradient = False
+        self._has_last = False  # a gradient was kept (its content may still be unusable: zero)
 
     # -- public API shared by all optimizers ---------------------------------------------
+    def params(self) -> list[Tensor]:
+        """The optimised parameters (those with ``requires_grad``), in the flat layout's order."""
+        return self.flat.params
+
+    def _params(self) -> list[Tensor]:  # the former private name, kept for callers outside the package
+        return self.flat.params
+
     def set_masks(self, masks: Mapping[Tensor, Tensor] | None) -> None:
         """Restrict directions, perturbations and updates to active (mask == True) weights.
 
         ``masks`` maps parameters of this optimizer to boolean tensors of the same shape;
         ``None`` or ``{}`` removes all masks. The weights are multiplied by their masks at
-        once and after every step.
+        once and after every step. (Reads the number of active weights back once.)
         """
-        owned = {p for p in self._params()}
+        owned = {id(p) for p in self.params()}
         new: dict[Tensor, Tensor] = {}
         for p, m in (masks or {}).items():
-            if p not in owned:
+            if id(p) not in owned:
                 raise ValueError("set_masks: a masked tensor is not a parameter of this optimizer")
             if m.shape != p.shape:
                 raise ValueError(f"set_masks: mask shape {tuple(m.shape)} != parameter shape {tuple(p.shape)}")
             new[p] = m.to(device=p.device, dtype=p.dtype)
         self.masks = new
-        apply_masks(self.masks)
+        if not new:
+            self._mask, self.active = None, self.flat.numel
+            return
+        flat = [torch.ones_like(t) for t in self.flat.flats]
+        for p, m in new.items():
+            self.flat.view_of(flat, p).copy_(m)
+        self._mask = flat
+        self.active = int(sum(float(t.sum()) for t in flat))
+        self._apply_masks()
 
     @property
     def pass_counts(self) -> dict[str, int]:
         """Cumulative passes run by :meth:`step`: forward (with autograd), forward_no_grad, backward."""
         return dict(self._counts)
+
+    @property
+    def skipped_perturbations(self) -> int:
+        """Steps whose perturbation was skipped (zero or non-finite); reads the device counter."""
+        return int(self._skipped)
+
+    @skipped_perturbations.setter
+    def skipped_perturbations(self, value: int) -> None:
+        self._skipped.fill_(int(value))
+
+    @property
+    def last_gradient(self) -> list[Tensor] | None:
+        """The gradient applied by the last update (views into a flat buffer), or ``None``."""
+        return self._views["last"] if self._has_last else None
+
+    @last_gradient.setter
+    def last_gradient(self, grads: list[Tensor | None] | None) -> None:
+        if grads is None:
+            self._has_last = False
+            return
+        views = self._buffer("last")
+        with torch.no_grad():
+            for v, g in zip(views, grads, strict=True):
+                v.copy_(g) if g is not None else v.zero_()
+            for t in self._buffers["last"]:
+                t.nan_to_num_(0.0, 0.0, 0.0)  # a non-finite surrogate is unusable: zero
+        self._has_last = True
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
@@ -212,11 +341,7 @@ class PerturbationOptimizer(torch.optim.Optimizer):
         self._counts = {k: int(v) for k, v in w["pass_counts"].items()}
         self.skipped_perturbations = int(w["skipped_perturbations"])
         if self._keeps_gradient:
-            stored = w.get("last_gradient")
-            self.last_gradient = None if stored is None else [
-                None if g is None else g.to(device=p.device, dtype=p.dtype)
-                for p, g in zip(self._params(), stored, strict=True)
-            ]
+            self.last_gradient = w.get("last_gradient")
 
     def _wrapper_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {
@@ -225,15 +350,43 @@ class PerturbationOptimizer(torch.optim.Optimizer):
             "skipped_perturbations": self.skipped_perturbations,
         }
         if self._keeps_gradient:
-            state["last_gradient"] = self.last_gradient
+            last = self.last_gradient
+            state["last_gradient"] = None if last is None else [g.clone() for g in last]
         return state
 
+    @contextmanager
+    def frozen_batchnorm(self) -> Iterator[None]:
+        """BatchNorm layers use batch statistics but leave running statistics untouched.
+
+        In train mode a BN layer with ``track_running_stats=False`` normalises with batch
+        statistics and passes no running buffers to ``F.batch_norm``, so neither the
+        running mean/var nor ``num_batches_tracked`` change: exact, and nothing is copied.
+        """
+        if self._bn_layers is None:
+            self._bn_layers = [] if self.model is None else [
+                m for m in self.model.modules() if isinstance(m, _BatchNorm)]
+        layers = [m for m in self._bn_layers if m.track_running_stats]
+        for m in layers:
+            m.track_running_stats = False
+        try:
+            yield
+        finally:
+            for m in layers:
+                m.track_running_stats = True
+
+    _frozen_batchnorm = frozen_batchnorm  # the former private name
+
     # -- helpers for subclasses ------------------------------------------------------------
-    def _params(self) -> Iterator[Tensor]:
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.requires_grad:
-                    yield p
+    def _buffer(self, name: str) -> list[Tensor]:
+        """A persistent flat buffer ``name`` (allocated once), returned as per-parameter views."""
+        if name not in self._buffers:
+            self._buffers[name] = self.flat.zeros()
+            self._views[name] = self.flat.views(self._buffers[name])
+        return self._views[name]
+
+    def _flat(self, name: str) -> FlatList:
+        self._buffer(name)
+        return self._buffers[name]
 
     def _forward(self, closure: Closure, *, grad: bool, fraction: float = 1.0, **kwargs: Any) -> Tensor:
         """Run the closure (on a ``fraction`` of the batch) and count the pass.
@@ -266,44 +419,87 @@ class PerturbationOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{why} needs a closure that accepts {names} (see zosam.optim.make_closure)")
         return closure
 
-    @contextmanager
-    def _frozen_batchnorm(self) -> Iterator[None]:
-        """BatchNorm layers use batch statistics but leave running statistics untouched.
+    @torch.no_grad()
+    def _save(self) -> FlatList:
+        """Copy the weights aside (one copy per buffer, into a persistent buffer)."""
+        self.flat.check()
+        w0 = self._flat("w0")
+        torch._foreach_copy_(w0, self.flat.flats)
+        return w0
 
-        In train mode a BN layer with ``track_running_stats=False`` normalises with batch
-        statistics and passes no running buffers to ``F.batch_norm``, so neither the
-        running mean/var nor ``num_batches_tracked`` change: exact, and nothing is copied.
+    @torch.no_grad()
+    def _restore(self, saved: FlatList) -> None:
+        torch._foreach_copy_(self.flat.flats, saved)  # bit-exact
+
+    @torch.no_grad()
+    def _grads_into(self, name: str) -> FlatList:
+        """Copy the parameters' gradients into the flat buffer ``name`` (one op; a missing
+        gradient is zero) and return it."""
+        views = self._buffer(name)
+        present = [(v, p.grad) for v, p in zip(views, self.params(), strict=True) if p.grad is not None]
+        if len(present) < len(views):
+            for v, p in zip(views, self.params(), strict=True):
+                if p.grad is None:
+                    v.zero_()
+        if present:
+            torch._foreach_copy_([v for v, _ in present], [g for _, g in present])
+        return self._buffers[name]
+
+    def _mdot(self, a: FlatList, b: FlatList) -> Tensor:
+        """``a . b`` over the active weights (a device scalar, at least float32)."""
+        return dot(a if self._mask is None else torch._foreach_mul(a, self._mask), b)
+
+    def _masked(self, xs: FlatList) -> FlatList:
+        """``xs *= mask`` in place (restrict to the active weights); returns ``xs``."""
+        if self._mask is not None:
+            torch._foreach_mul_(xs, self._mask)
+        return xs
+
+    @torch.no_grad()
+    def _perturb(self, w0: FlatList, direction: FlatList, norm: Tensor, radius: float | Tensor,
+                 *, may_be_nonfinite: bool = True, valid: Tensor | None = None) -> Tensor:
+        """``w = w0 + radius * direction / norm``, or ``w = w0`` where ``norm`` is zero or not
+        finite or ``valid`` (a device bool) is false (decided on the device and counted in
+        ``skipped_perturbations``).
+
+        ``direction`` must already be restricted to the active weights; it is cleaned of
+        non-finite entries in place when ``may_be_nonfinite``. Returns the device bool ``ok``.
         """
-        layers = []
-        if self.model is not None:
-            layers = [m for m in self.model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-        for m in layers:
-            m.track_running_stats = False
-        try:
-            yield
-        finally:
-            for m in layers:
-                m.track_running_stats = True
-
-    @torch.no_grad()
-    def _save(self) -> list[Tensor]:
-        return [p.detach().clone() for p in self._params()]
-
-    @torch.no_grad()
-    def _restore(self, saved: list[Tensor]) -> None:
-        torch._foreach_copy_(list(self._params()), saved)  # one multi-tensor op, bit-exact
-
-    @torch.no_grad()
-    def _perturb(self, saved: list[Tensor], e: list[Tensor | None]) -> None:
-        """Set ``w = w0 + e`` (``e`` already masked; ``None`` leaves the tensor at w0)."""
-        for p, w0, ep in zip(self._params(), saved, e, strict=True):
-            if ep is not None:
-                torch.add(w0, ep, out=p)
+        ok = usable(norm) if valid is None else usable(norm) & valid
+        scale = torch.where(ok, radius / norm, torch.zeros_like(norm))
+        if may_be_nonfinite:
+            for d in direction:
+                d.nan_to_num_(0.0, 0.0, 0.0)
+        for w, a, d in zip(self.flat.flats, w0, direction, strict=True):
+            torch.addcmul(a, d, like(scale, a), out=w)
+        self._skipped.add_(ok.logical_not())
+        return ok
 
     def _backward(self, loss: Tensor, scaler: torch.amp.GradScaler | None) -> None:
         self.zero_grad(set_to_none=True)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         self._counts["backward"] += 1
+
+    def _final_pass(self, closure: Closure, scaler: torch.amp.GradScaler | None, w0: FlatList | None,
+                    combine: Callable[[], None] | None = None, **kwargs: Any) -> Tensor:
+        """The last forward and backward at the current weights, then restore ``w0`` (if
+        given), ``combine()`` (turn ``.grad`` into the gradient to apply, if given) and the
+        update. Returns the detached loss."""
+        if w0 is None:
+            self.flat.check()  # (a step that saves the weights checked already)
+        loss = self._forward(closure, grad=True, **kwargs)
+        self._backward(loss, scaler)
+        if w0 is not None:
+            self._restore(w0)
+        if combine is not None:
+            combine()
+        self._update(scaler)
+        return loss.detach()
+
+    def _apply_masks(self) -> None:
+        if self._mask is not None:
+            with torch.no_grad():
+                torch._foreach_mul_(self.flat.flats, self._mask)
 
     def _update(self, scaler: torch.amp.GradScaler | None) -> None:
         """Unscale, clip, step the base optimizer (through the scaler) and re-apply masks.
@@ -324,43 +520,40 @@ class PerturbationOptimizer(torch.optim.Optimizer):
             scaler.step(self.base_optimizer)
         else:
             self.base_optimizer.step()
-        apply_masks(self.masks)
+        self._apply_masks()
         self.step_count += 1
 
     @torch.no_grad()
     def _keep_gradient(self) -> None:
         """Copy the gradient about to be applied into ``last_gradient`` (unscaled and
         clipped: called between unscaling and the base step). A non-finite gradient (a
-        GradScaler overflow, whose update ``scaler.step`` skips) keeps the previous one.
-        Under DDP the gradient is already averaged, so every rank keeps the same tensor."""
-        grads = [p.grad for p in self._params()]
-        present = [g for g in grads if g is not None]
-        if not present:
+        GradScaler overflow, whose update ``scaler.step`` skips) keeps the previous one,
+        decided on the device. Under DDP the gradient is already averaged, so every rank
+        keeps the same tensor."""
+        if not any(p.grad is not None for p in self.params()):
             return
-        if not math.isfinite(global_norm(present)):
-            return
-        old = self.last_gradient
-        if old is None or any((o is None) != (g is None) for o, g in zip(old, grads, strict=True)):
-            self.last_gradient = [None if g is None else g.detach().clone() for g in grads]
-        else:  # reuse the buffers: no allocation per step
-            torch._foreach_copy_([o for o in old if o is not None], present)
+        new = self._grads_into("scratch")
+        last = self._flat("last")
+        finite = torch.isfinite(sq_norm(new))
+        if not self._has_last:
+            finite = torch.ones_like(finite)  # nothing to keep: store (then clean) the first one
+        for a, b in zip(last, new, strict=True):
+            a.copy_(torch.where(finite if finite.device == a.device else finite.to(a.device), b, a))
+        if not self._has_last:
+            for a in last:
+                a.nan_to_num_(0.0, 0.0, 0.0)  # a first non-finite gradient is unusable: zero
+        self._has_last = True
 
     @torch.no_grad()
     def _clip_grad_norm(self, max_norm: float) -> None:
-        """Clip by the global norm of the gradient of the *active* weights.
+        """Clip by the global norm of the gradient of the *active* weights (on the device).
 
         Gradients of pruned weights are kept dense (RigL grows by them) but they do not
         move the weights, so they must not count in the norm either.
         """
-        grads = [(p.grad, self.masks.get(p)) for p in self._params() if p.grad is not None]
+        grads = [p.grad for p in self.params() if p.grad is not None]
         if not grads:
             return
-        dev = grads[0][0].device  # a model may span devices: the per-tensor sums meet on one
-        sq = torch.stack([wide(g if m is None else g * m).pow(2).sum().to(dev) for g, m in grads]).sum()
-        coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
-        for g, _ in grads:
-            g.mul_(coef.to(g.device, g.dtype))
-
-    def _masked(self, p: Tensor, t: Tensor) -> Tensor:
-        m = self.masks.get(p)
-        return t if m is None else t.mul_(m)
+        g = self._masked(self._grads_into("scratch"))
+        coef = (max_norm / (l2norm(g) + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads, like(coef, grads[0]))

@@ -14,26 +14,21 @@ Inner products and norms of gradients run over the *active* weights only (as in
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from zosam.optim.base import Closure, PerturbationOptimizer, wide
-from zosam.optim.guided import has_momentum, masked_dot, momentum_buffers
+from zosam.optim.base import Closure, PerturbationOptimizer, check_args, wide
+from zosam.optim.flat import FlatList, l2norm, like, usable
+from zosam.optim.guided import has_momentum, momentum_buffers
 from zosam.optim.sam import SAM
-from zosam.optim.zosam import SeededStreams, derive_seed
+from zosam.optim.samplers import Bernoulli, Gaussian
+from zosam.optim.zosam import derive_seed
 from zosam.validate import in_range
 
-Grads = Sequence[Tensor | None]
 
-
-def _clone_grads(params: Sequence[Tensor]) -> list[Tensor | None]:
-    return [None if p.grad is None else p.grad.detach().clone() for p in params]
-
-
-class ESAM(SeededStreams, SAM):
+class ESAM(SAM):
     """Efficient SAM (Du et al., "Efficient Sharpness-aware Minimization for Improved
     Training of Neural Networks", ICLR 2022): SAM with stochastic weight perturbation
     (SWP) and sharpness-sensitive data selection (SDS).
@@ -73,7 +68,9 @@ class ESAM(SeededStreams, SAM):
     Cost per step: 2 forward + 2 backward passes, the second pair on ``ceil(gamma B)``
     samples, plus (``gamma < 1``) 1 no-grad forward at ``w + e`` for the selection.
     A first gradient that is zero or not finite skips the perturbation and the selection
-    (a plain step on the whole batch, counted in ``skipped_perturbations``).
+    (a plain step on the whole batch, counted in ``skipped_perturbations``); with
+    ``gamma < 1`` that decision is read back (one host sync per step: the size of the
+    selected batch depends on it).
     """
 
     def __init__(
@@ -89,20 +86,11 @@ class ESAM(SeededStreams, SAM):
         max_grad_norm: float | None = None,
         **base_kwargs: Any,
     ) -> None:
-        in_range("beta", beta, 0, 1, low_open=True)
-        in_range("gamma", gamma, 0, 1, low_open=True)
-        in_range("seed", seed, 0, integer=True)
+        check_args(beta=(beta, "fraction"), gamma=(gamma, "fraction"), seed=(seed, "seed"))
         super().__init__(params, base_optimizer, rho, model=model, max_grad_norm=max_grad_norm,
                          **base_kwargs)
         self.beta, self.gamma, self.seed = beta, gamma, seed
-
-    def _swp_masks(self) -> Iterator[Tensor]:
-        """This step's Bernoulli(beta) masks, one per parameter (float32 draws for any dtype)."""
-
-        def bernoulli(p: Tensor, gen: torch.Generator) -> Tensor:
-            return (torch.rand(p.shape, generator=gen, device=p.device) < self.beta).to(p.dtype)
-
-        return self._stream(derive_seed(self.seed, self.step_count, 0), bernoulli)
+        self.sampler = Bernoulli(beta)  # SWP: this step's weight masks
 
     def _per_sample(self, closure: Closure, *, grad: bool) -> Tensor:
         losses = self._forward(closure, grad=grad, reduction="none")
@@ -123,30 +111,19 @@ class ESAM(SeededStreams, SAM):
         select = self.gamma < 1.0
         closure = self._check_closure(closure, keywords=("reduction", "indices") if select else (),
                                       why="esam with gamma < 1")
-        saved = self._save()
-        with self._frozen_batchnorm():
+        w0 = self._save()
+        with self.frozen_batchnorm():
             before = self._per_sample(closure, grad=True) if select else None
             self._backward(before.mean() if before is not None else self._forward(closure, grad=True), scaler)
-        e = self._ascent()
+        swp = self.sampler.draw(self._flat("swp"), derive_seed(self.seed, self.step_count, 0), None) \
+            if self.beta < 1.0 else None
+        _, ok = self._ascend(w0, self.rho / self.beta, select=swp)  # e = (rho / beta) m * g / ||g||
         subset: dict[str, Tensor] = {}
-        if e is None:
-            self.skipped_perturbations += 1
-        else:
-            if self.beta < 1.0:
-                for ep, m in zip(e, self._swp_masks(), strict=True):
-                    if ep is not None:
-                        ep.mul_(m).div_(self.beta)
-            self._perturb(saved, e)
-            if before is not None:
-                with self._frozen_batchnorm():
-                    after = self._per_sample(closure, grad=False)
-                subset["indices"] = self._sharpest(wide(after.detach() - before.detach()))
-        del e
-        loss = self._forward(closure, grad=True, **subset)
-        self._backward(loss, scaler)
-        self._restore(saved)
-        self._update(scaler)
-        return loss.detach()
+        if before is not None and bool(ok):  # the one host sync: the selected batch's size depends on it
+            with self.frozen_batchnorm():
+                after = self._per_sample(closure, grad=False)
+            subset["indices"] = self._sharpest(wide(after.detach() - before.detach()))
+        return self._final_pass(closure, scaler, w0, **subset)
 
 
 class LookSAM(SAM):
@@ -200,69 +177,73 @@ class LookSAM(SAM):
         max_grad_norm: float | None = None,
         **base_kwargs: Any,
     ) -> None:
-        in_range("k", k, 1, integer=True)
-        in_range("alpha", alpha, 0)
+        check_args(k=(k, "count"), alpha=(alpha, "nonnegative"))
         super().__init__(params, base_optimizer, rho, model=model, max_grad_norm=max_grad_norm,
                          **base_kwargs)
         self.k, self.alpha = k, alpha
-        self.orthogonal: list[Tensor | None] | None = None  # g_v of the last SAM step
+        self._has_orthogonal = False  # a SAM step stored g_v (its validity is a device bool)
+        self._orthogonal_ok = torch.zeros((), dtype=torch.bool, device=self._skipped.device)
+
+    @property
+    def orthogonal(self) -> list[Tensor] | None:
+        """``g_v`` of the last SAM step (views), ``None`` if there is none (reads a device bool)."""
+        if not self._has_orthogonal or not bool(self._orthogonal_ok):
+            return None
+        return self._buffer("orthogonal")
 
     @torch.no_grad()
-    def _orthogonal_component(self, g: Grads) -> list[Tensor | None] | None:
-        """``g_s - (g . g_s / ||g||^2) g`` with ``g_s`` in ``.grad``; ``None`` if undefined."""
-        params = list(self._params())
-        g_s = [p.grad for p in params]
-        g_sq = masked_dot(params, self.masks, g, g)
-        if not math.isfinite(g_sq) or g_sq == 0.0:
-            return None
-        c = masked_dot(params, self.masks, g, g_s) / g_sq
-        g_v = [None if s is None else (s.detach().clone() if gi is None else s.detach() - c * gi)
-               for s, gi in zip(g_s, g, strict=True)]
-        v_sq = masked_dot(params, self.masks, g_v, g_v)
-        return g_v if math.isfinite(v_sq) and v_sq > 0.0 else None
+    def _store_orthogonal(self, g: FlatList) -> None:
+        """``g_v = g_s - (g . g_s / ||g||^2) g`` with ``g_s`` in ``.grad`` (device-side validity)."""
+        g_v = self._grads_into("orthogonal")  # g_s
+        g_sq = self._mdot(g, g)
+        ok = usable(g_sq)
+        c = torch.where(ok, self._mdot(g, g_v) / g_sq, torch.zeros_like(g_sq))
+        for v, gi in zip(g_v, g, strict=True):
+            v.addcmul_(gi, -like(c, v))
+            v.nan_to_num_(0.0, 0.0, 0.0)
+        self._orthogonal_ok = ok & usable(self._mdot(g_v, g_v))
+        self._has_orthogonal = True
 
     @torch.no_grad()
     def _add_orthogonal(self) -> None:
-        """``.grad += alpha ||g|| / ||g_v|| g_v`` (a no-op without a stored ``g_v``)."""
-        if self.orthogonal is None:
+        """``.grad += alpha ||g|| / ||g_v|| g_v`` (a no-op without a usable stored ``g_v``)."""
+        if not self._has_orthogonal:
             return
-        params = list(self._params())
-        g = [p.grad for p in params]
-        g_norm = math.sqrt(max(masked_dot(params, self.masks, g, g), 0.0))
-        v_norm = math.sqrt(masked_dot(params, self.masks, self.orthogonal, self.orthogonal))
-        if not math.isfinite(g_norm) or v_norm == 0.0:
-            return
-        for p, v in zip(params, self.orthogonal, strict=True):
-            if p.grad is not None and v is not None:
-                p.grad.add_(v.to(p.grad.dtype), alpha=self.alpha * g_norm / v_norm)
+        grads = [p.grad for p in self.params()]
+        g = self._grads_into("g")
+        g_v = self._flat("orthogonal")
+        g_norm = self._mdot(g, g).clamp(min=0).sqrt()
+        v_norm = self._mdot(g_v, g_v).sqrt()
+        ok = self._orthogonal_ok & torch.isfinite(g_norm) & (v_norm > 0)
+        scale = torch.where(ok, self.alpha * g_norm / v_norm, torch.zeros_like(g_norm))
+        present = [(gr, v) for gr, v in zip(grads, self._buffer("orthogonal"), strict=True) if gr is not None]
+        torch._foreach_add_([gr for gr, _ in present],
+                            torch._foreach_mul([v for _, v in present], like(scale, present[0][0])))
 
     def step(self, closure: Closure | None = None, *, scaler: torch.amp.GradScaler | None = None) -> Tensor:  # type: ignore[override]
         """One LookSAM step; returns the loss of the pass whose gradient is applied."""
         closure = self._check_closure(closure)
-        if self.step_count % self.k != 0:
-            loss = self._forward(closure, grad=True)
-            self._backward(loss, scaler)
-            self._add_orthogonal()
-            self._update(scaler)
-            return loss.detach()
-        return super().step(closure, scaler=scaler)  # a SAM step, storing g_v via the hooks
-
-    def _first_gradient(self) -> Grads:
-        return _clone_grads(list(self._params()))
-
-    def _combine_gradients(self, first: Grads) -> None:
-        self.orthogonal = self._orthogonal_component(first)  # None after a skipped perturbation
+        if self.step_count % self.k != 0:  # reuse: g + alpha ||g|| / ||g_v|| g_v, one pass at w
+            return self._final_pass(closure, scaler, None, combine=self._add_orthogonal)
+        w0 = self._save()  # a SAM step that stores g_v
+        with self.frozen_batchnorm():
+            self._backward(self._forward(closure, grad=True), scaler)
+        g, _ = self._ascend(w0, self.rho, keep_gradient=True)
+        return self._final_pass(closure, scaler, w0, combine=lambda: self._store_orthogonal(g))
 
     def _wrapper_state(self) -> dict[str, Any]:
-        return {**super()._wrapper_state(), "orthogonal": self.orthogonal}
+        v = self.orthogonal
+        return {**super()._wrapper_state(), "orthogonal": None if v is None else [t.clone() for t in v]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         stored = state_dict["wrapper"]["orthogonal"]
-        self.orthogonal = None if stored is None else [
-            None if v is None else v.to(device=p.device, dtype=p.dtype)
-            for p, v in zip(self._params(), stored, strict=True)
-        ]
+        self._has_orthogonal = stored is not None
+        self._orthogonal_ok = torch.tensor(stored is not None, device=self._skipped.device)
+        if stored is not None:
+            with torch.no_grad():
+                for v, t in zip(self._buffer("orthogonal"), stored, strict=True):
+                    v.copy_(t) if t is not None else v.zero_()
 
 
 class GSAM(SAM):
@@ -321,10 +302,8 @@ class GSAM(SAM):
         max_grad_norm: float | None = None,
         **base_kwargs: Any,
     ) -> None:
-        in_range("rho_max", rho_max, 0, low_open=True)
+        check_args(rho_max=(rho_max, "positive"), alpha=(alpha, "unit"), lr_min=(lr_min, "nonnegative"))
         in_range("rho_min", rho_min, 0, rho_max)
-        in_range("alpha", alpha, 0, 1)
-        in_range("lr_min", lr_min, 0)
         super().__init__(params, base_optimizer, rho_max, model=model, max_grad_norm=max_grad_norm,
                          **base_kwargs)
         lr_max = self.param_groups[0]["lr"] if lr_max is None else lr_max
@@ -340,27 +319,28 @@ class GSAM(SAM):
         return self.rho_min + (self.rho_max - self.rho_min) * min(max(t, 0.0), 1.0)
 
     @torch.no_grad()
-    def _surrogate_gap_gradient(self, g: Grads) -> None:
+    def _surrogate_gap_gradient(self, g: FlatList) -> None:
         """``.grad = g_p - alpha g_orth = (1 + alpha c) g_p - alpha g``, ``c = g.g_p / ||g_p||^2``.
 
         With ``g_p = 0`` the projection onto it is zero (``c = 0``), so ``g_orth = g``.
         """
-        params = list(self._params())
-        g_p = [p.grad for p in params]
-        gp_sq = masked_dot(params, self.masks, g_p, g_p)
-        c = masked_dot(params, self.masks, g, g_p) / gp_sq if math.isfinite(gp_sq) and gp_sq > 0.0 else 0.0
-        for p, gi in zip(params, g, strict=True):
-            if p.grad is not None and gi is not None:
-                p.grad.mul_(1.0 + self.alpha * c).add_(gi, alpha=-self.alpha)
+        g_p = self._grads_into("scratch")
+        gp_sq = self._mdot(g_p, g_p)
+        c = torch.where(usable(gp_sq), self._mdot(g, g_p) / gp_sq, torch.zeros_like(gp_sq))
+        present = [(p.grad, v) for p, v in zip(self.params(), self._buffer("g"), strict=True) if p.grad is not None]
+        grads = [gr for gr, _ in present]
+        torch._foreach_mul_(grads, like(1.0 + self.alpha * c, grads[0]))
+        torch._foreach_add_(grads, [v for _, v in present], alpha=-self.alpha)
 
-    # SAM's step with GSAM's two hooks: rho from the current lr and a copy of ``g`` before
-    # the ascent, the surrogate-gap gradient after the second backward.
-    def _first_gradient(self) -> Grads:
+    def step(self, closure: Closure | None = None, *, scaler: torch.amp.GradScaler | None = None) -> Tensor:  # type: ignore[override]
+        """One GSAM step: SAM's with ``rho`` from the current lr and the surrogate-gap gradient."""
+        closure = self._check_closure(closure)
         self.rho = self.scheduled_rho()
-        return _clone_grads(list(self._params()))
-
-    def _combine_gradients(self, first: Grads) -> None:
-        self._surrogate_gap_gradient(first)
+        w0 = self._save()
+        with self.frozen_batchnorm():
+            self._backward(self._forward(closure, grad=True), scaler)  # g = grad L(w)
+        g, _ = self._ascend(w0, self.rho, keep_gradient=True)
+        return self._final_pass(closure, scaler, w0, combine=lambda: self._surrogate_gap_gradient(g))
 
     def _wrapper_state(self) -> dict[str, Any]:
         return {**super()._wrapper_state(), "lr_max": self.lr_max}
@@ -370,7 +350,7 @@ class GSAM(SAM):
         self.lr_max = float(state_dict["wrapper"]["lr_max"])
 
 
-class RWP(SeededStreams):
+class RWP(PerturbationOptimizer):
     """Random weight perturbation: SAM's two-point scheme with a random, unsigned direction.
 
     One step::
@@ -395,9 +375,10 @@ class RWP(SeededStreams):
         max_grad_norm: clip the applied gradient to this norm (``None``: no clipping).
         **base_kwargs: hyperparameters of ``base_optimizer`` (``lr`` ...).
 
-    Cost per step: 0 no-grad forwards, 1 forward + 1 backward (as SGD), plus two draws of
-    ``u`` (one for its norm, one to perturb). With every weight masked (``||u|| = 0``)
-    the perturbation is skipped (counted in ``skipped_perturbations``).
+    Cost per step: 0 no-grad forwards, 1 forward + 1 backward (as SGD), plus one flat draw
+    of ``u`` straight into the weights (then scaled and shifted by ``w0`` in place). With
+    every weight masked (``||u|| = 0``) the perturbation is skipped (counted in
+    ``skipped_perturbations``, on the device).
     """
 
     def __init__(
@@ -411,82 +392,80 @@ class RWP(SeededStreams):
         max_grad_norm: float | None = None,
         **base_kwargs: Any,
     ) -> None:
-        in_range("rho", rho, 0, low_open=True)
-        in_range("seed", seed, 0, integer=True)
+        check_args(rho=(rho, "positive"), seed=(seed, "seed"))
         super().__init__(params, base_optimizer, dict(rho=rho), model=model,
                          max_grad_norm=max_grad_norm, **base_kwargs)
         self.rho, self.seed = rho, seed
-
-    @torch.no_grad()
-    def _random_perturbation(self, saved: list[Tensor]) -> bool:
-        """Set ``w = w0 + rho u / ||u||``; False (weights untouched) if ``||u||`` is 0."""
-        seed = derive_seed(self.seed, self.step_count, 0)
-        sq = [wide(u).pow(2).sum() for u in self._directions(seed)]  # u freed one by one
-        norm = math.sqrt(float(torch.stack([t.to(sq[0].device) for t in sq]).sum())) if sq else 0.0
-        if not math.isfinite(norm) or norm == 0.0:
-            return False
-        # Streamed a second time rather than kept: no d-sized buffer besides the saved w.
-        for p, w0, u in zip(self._params(), saved, self._directions(seed, self.rho / norm), strict=True):
-            torch.add(w0, u, out=p)
-        return True
+        self.sampler = Gaussian()
 
     def step(self, closure: Closure | None = None, *, scaler: torch.amp.GradScaler | None = None) -> Tensor:  # type: ignore[override]
         """One RWP step; returns the loss at ``w + e``."""
         closure = self._check_closure(closure)
-        saved = self._save()
-        if not self._random_perturbation(saved):
-            self.skipped_perturbations += 1
-        loss = self._forward(closure, grad=True)
-        self._backward(loss, scaler)
-        self._restore(saved)
-        self._update(scaler)
-        return loss.detach()
+        w0 = self._save()
+        with torch.no_grad():  # u is drawn into the weights themselves: no d-sized buffer besides w0
+            u = self.sampler.draw(self.flat.flats, derive_seed(self.seed, self.step_count, 0), self._mask)
+            norm = l2norm(u)
+            ok = usable(norm)
+            self._skipped.add_(ok.logical_not())
+            scale = torch.where(ok, self.rho / norm, torch.zeros_like(norm))
+            for w, a in zip(u, w0, strict=True):
+                w.mul_(like(scale, w)).add_(a)  # w = w0 + rho u / ||u||
+        return self._final_pass(closure, scaler, w0)
 
 
 class FreeAscent(PerturbationOptimizer):
-    """Shared step (no ``__init__`` of its own) of the peers whose ascent direction costs no
-    pass: ``e = sign * rho v / ||v||`` for a stored direction ``v`` (:meth:`_direction`),
-    restricted to the active weights; the gradient at ``w + e`` is applied at ``w``.
+    """The peers whose ascent direction costs no pass: ``e = sign * rho v / ||v||`` for a
+    stored direction ``v`` (:meth:`_direction`), restricted to the active weights; the
+    gradient at ``w + e`` is applied at ``w``. Subclasses give ``_direction``, ``sign`` and
+    ``default_rho``.
 
     Cost per step: 1 forward + 1 backward, 0 no-grad forwards (SGD's). Without a
     direction (the first step) or with ``v = 0`` / not finite, the step is a plain one at
-    ``w`` (counted in ``skipped_perturbations``).
+    ``w`` (counted in ``skipped_perturbations``, decided on the device).
     """
 
-    rho: float
     sign = 1.0
+    default_rho = 0.05
+    keeps_gradient = False  # AsyncSAM: v is the gradient applied by the previous step
+    needs_momentum = False  # MSAM: v is the base optimizer's momentum
 
-    def _direction(self) -> list[Tensor | None] | None:
+    def __init__(
+        self,
+        params: Any,
+        base_optimizer: type[torch.optim.Optimizer],
+        rho: float | None = None,
+        *,
+        model: nn.Module | None,
+        max_grad_norm: float | None = None,
+        **base_kwargs: Any,
+    ) -> None:
+        rho = self.default_rho if rho is None else rho
+        check_args(rho=(rho, "positive"))
+        super().__init__(params, base_optimizer, dict(rho=rho), model=model,
+                         max_grad_norm=max_grad_norm, **base_kwargs)
+        if self.needs_momentum and not has_momentum(self.base_optimizer):
+            raise ValueError(f"momentum=0 is invalid for {type(self).__name__.lower()} (it ascends along the base "
+                             "optimizer's momentum); must be > 0, or use a base optimizer with moments (adamw)")
+        self.rho = rho
+        self._keeps_gradient = self.keeps_gradient
+
+    def _direction(self) -> FlatList | None:
         raise NotImplementedError
-
-    @torch.no_grad()
-    def _free_ascent(self) -> list[Tensor | None] | None:
-        v = self._direction()
-        if v is None:
-            return None
-        params = list(self._params())
-        norm = math.sqrt(max(masked_dot(params, self.masks, v, v), 0.0))
-        if not math.isfinite(norm) or norm == 0.0:
-            return None
-        scale = self.sign * self.rho / norm
-        return [None if vi is None else self._masked(p, vi.to(p.dtype) * scale)
-                for p, vi in zip(params, v, strict=True)]
 
     def step(self, closure: Closure | None = None, *, scaler: torch.amp.GradScaler | None = None) -> Tensor:  # type: ignore[override]
         """One step; returns the loss at ``w + e`` (whose gradient is applied at ``w``)."""
         closure = self._check_closure(closure)
-        saved = self._save()
-        e = self._free_ascent()
-        if e is None:
-            self.skipped_perturbations += 1
-        else:
-            self._perturb(saved, e)
-        del e
-        loss = self._forward(closure, grad=True)
-        self._backward(loss, scaler)
-        self._restore(saved)
-        self._update(scaler)
-        return loss.detach()
+        v = self._direction()
+        if v is None:  # nothing stored yet (known on the host): a plain step
+            self._skipped.add_(1)
+            return self._final_pass(closure, scaler, None)
+        w0 = self._save()
+        with torch.no_grad():
+            e = self._flat("e")
+            torch._foreach_copy_(e, v)
+            self._masked(e)
+            self._perturb(w0, e, l2norm(e), self.sign * self.rho)
+        return self._final_pass(closure, scaler, w0)
 
 
 class AsyncSAM(FreeAscent):
@@ -509,7 +488,7 @@ class AsyncSAM(FreeAscent):
     Args:
         params: parameters or parameter groups to optimise.
         base_optimizer: the ``torch.optim.Optimizer`` class applying the update.
-        rho: radius of the perturbation, > 0.
+        rho: radius of the perturbation, > 0 (default 0.05).
         model: the model (keyword, required); with a single pass per step there is nothing
             to freeze, and ``None`` is fine for any model.
         max_grad_norm: clip the applied gradient to this norm (``None``: no clipping).
@@ -519,24 +498,10 @@ class AsyncSAM(FreeAscent):
     yet) is a plain step, counted in ``skipped_perturbations``.
     """
 
-    def __init__(
-        self,
-        params: Any,
-        base_optimizer: type[torch.optim.Optimizer],
-        rho: float = 0.05,
-        *,
-        model: nn.Module | None,
-        max_grad_norm: float | None = None,
-        **base_kwargs: Any,
-    ) -> None:
-        in_range("rho", rho, 0, low_open=True)
-        super().__init__(params, base_optimizer, dict(rho=rho), model=model,
-                         max_grad_norm=max_grad_norm, **base_kwargs)
-        self.rho = rho
-        self._keeps_gradient = True
+    keeps_gradient = True
 
-    def _direction(self) -> list[Tensor | None] | None:
-        return self.last_gradient
+    def _direction(self) -> FlatList | None:
+        return self._flat("last") if self._has_last else None
 
 
 class MSAM(FreeAscent):
@@ -561,7 +526,7 @@ class MSAM(FreeAscent):
         params: parameters or parameter groups to optimise.
         base_optimizer: the ``torch.optim.Optimizer`` class applying the update; it must
             keep a momentum (SGD with ``momentum > 0``, Adam, AdamW).
-        rho: radius of the perturbation, > 0 (the paper's default: 0.3).
+        rho: radius of the perturbation, > 0 (default 0.3, the paper's).
         model: the model (keyword, required); with a single pass per step there is nothing
             to freeze, and ``None`` is fine for any model.
         max_grad_norm: clip the applied gradient to this norm (``None``: no clipping).
@@ -573,27 +538,18 @@ class MSAM(FreeAscent):
     """
 
     sign = -1.0
+    default_rho = 0.3
+    needs_momentum = True
 
-    def __init__(
-        self,
-        params: Any,
-        base_optimizer: type[torch.optim.Optimizer],
-        rho: float = 0.3,
-        *,
-        model: nn.Module | None,
-        max_grad_norm: float | None = None,
-        **base_kwargs: Any,
-    ) -> None:
-        in_range("rho", rho, 0, low_open=True)
-        super().__init__(params, base_optimizer, dict(rho=rho), model=model,
-                         max_grad_norm=max_grad_norm, **base_kwargs)
-        if not has_momentum(self.base_optimizer):
-            raise ValueError("momentum=0 is invalid for msam (it ascends along the base optimizer's momentum); "
-                             "must be > 0, or use a base optimizer with moments (adamw)")
-        self.rho = rho
-
-    def _direction(self) -> list[Tensor | None] | None:
-        return momentum_buffers(self.base_optimizer, list(self._params()))
+    def _direction(self) -> FlatList | None:
+        buffers = momentum_buffers(self.base_optimizer, self.params())
+        if buffers is None:
+            return None
+        views = self._buffer("momentum")
+        with torch.no_grad():
+            torch._foreach_copy_([v for v, b in zip(views, buffers, strict=True) if b is not None],
+                                 [b for b in buffers if b is not None])
+        return self._flat("momentum")
 
 
 __all__ = ["ESAM", "GSAM", "MSAM", "RWP", "AsyncSAM", "FreeAscent", "LookSAM"]

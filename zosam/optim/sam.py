@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from zosam.optim.base import Closure, PerturbationOptimizer, wide
-from zosam.validate import in_range
+from zosam.optim.base import Closure, PerturbationOptimizer, check_args
+from zosam.optim.flat import FlatList, l2norm
 
 
 class FirstOrder(PerturbationOptimizer):
@@ -38,11 +37,7 @@ class FirstOrder(PerturbationOptimizer):
 
     def step(self, closure: Closure | None = None, *, scaler: torch.amp.GradScaler | None = None) -> Tensor:  # type: ignore[override]
         """Forward, backward, update; returns the loss."""
-        closure = self._check_closure(closure)
-        loss = self._forward(closure, grad=True)
-        self._backward(loss, scaler)
-        self._update(scaler)
-        return loss.detach()
+        return self._final_pass(self._check_closure(closure), scaler, None)
 
 
 class SAM(PerturbationOptimizer):
@@ -74,7 +69,7 @@ class SAM(PerturbationOptimizer):
     With ``torch.nn.parallel.DistributedDataParallel`` the first gradient is averaged
     across ranks like the second, so every rank perturbs identically. A first gradient
     that is zero or not finite (e.g. a GradScaler overflow) skips the perturbation for the
-    step (counted in ``skipped_perturbations``).
+    step (counted in ``skipped_perturbations``), decided on the device without a host sync.
     """
 
     def __init__(
@@ -88,30 +83,36 @@ class SAM(PerturbationOptimizer):
         max_grad_norm: float | None = None,
         **base_kwargs: Any,
     ) -> None:
-        in_range("rho", rho, 0, low_open=True)
-        if not isinstance(adaptive, bool):
-            raise ValueError(f"adaptive={adaptive!r} is invalid; allowed: True, False")
+        check_args(rho=(rho, "positive"), adaptive=(adaptive, "bool"))
         super().__init__(params, base_optimizer, dict(rho=rho, adaptive=adaptive), model=model,
                          max_grad_norm=max_grad_norm, **base_kwargs)
         self.rho, self.adaptive = rho, adaptive
 
     @torch.no_grad()
-    def _ascent(self) -> list[Tensor | None] | None:
-        """``e`` from the current gradients, or ``None`` if it is zero or not finite.
+    def _ascend(self, w0: FlatList, rho: float | Tensor, *, keep_gradient: bool = False,
+                select: FlatList | None = None) -> tuple[FlatList, Tensor]:
+        """Set ``w = w0 + e`` from the gradient in ``.grad``; returns (the flat gradient, ``ok``).
 
-        SAM: ``e = rho g / ||g||``. ASAM with ``T_w = |w|``: ``e = rho T_w^2 g / ||T_w g||``.
+        SAM: ``e = rho g / ||g||``; ASAM with ``T_w = |w|``: ``e = rho T_w^2 g / ||T_w g||``,
+        ``g`` restricted to the active weights. ``select`` (ESAM's weight masks) multiplies
+        ``e`` after the norm is taken. ``keep_gradient``: the returned gradient is the dense,
+        unmasked ``g`` (LookSAM and GSAM combine it later), else it may be overwritten.
+        A zero or non-finite ``||g||`` leaves ``w = w0`` (``ok`` false, counted).
         """
-        grads = [None if p.grad is None else self._masked(p, p.grad.detach().clone())
-                 for p in self._params()]
-        terms = [wide(p.abs() * g if self.adaptive else g).pow(2).sum()
-                 for p, g in zip(self._params(), grads, strict=True) if g is not None]
-        if not terms:
-            return None
-        norm = float(torch.stack([t.to(terms[0].device) for t in terms]).sum().sqrt())
-        if not math.isfinite(norm) or norm == 0.0:
-            return None
-        return [None if g is None else (g.mul_(p.pow(2)) if self.adaptive else g).mul_(self.rho / norm)
-                for p, g in zip(self._params(), grads, strict=True)]
+        g = self._grads_into("g")
+        e = (torch._foreach_mul(g, self._mask) if self._mask is not None else [t.clone() for t in g]) \
+            if keep_gradient else self._masked(g)
+        w = self.flat.flats
+        if self.adaptive:
+            norm = l2norm([x.abs().mul_(d) for x, d in zip(w, e, strict=True)])
+            for d, x in zip(e, w, strict=True):
+                d.mul_(x.square())
+        else:
+            norm = l2norm(e)
+        if select is not None:
+            torch._foreach_mul_(e, select)
+        ok = self._perturb(w0, e, norm, rho)
+        return g, ok
 
     def step(self, closure: Closure | None = None, *, scaler: torch.amp.GradScaler | None = None) -> Tensor:  # type: ignore[override]
         """One SAM step; returns the loss at ``w + e`` (whose gradient is applied).
@@ -122,27 +123,8 @@ class SAM(PerturbationOptimizer):
         stepped through ``scaler.step``; call ``scaler.update()`` after ``step``.
         """
         closure = self._check_closure(closure)
-        saved = self._save()
-        with self._frozen_batchnorm():
-            self._backward(self._forward(closure, grad=True), scaler)
-        first = self._first_gradient()
-        e = self._ascent()
-        if e is None:
-            self.skipped_perturbations += 1
-        else:
-            self._perturb(saved, e)
-        del e
-        loss = self._forward(closure, grad=True)
-        self._backward(loss, scaler)
-        self._restore(saved)
-        self._combine_gradients(first)
-        del first
-        self._update(scaler)
-        return loss.detach()
-
-    def _first_gradient(self) -> Any:
-        """Hook for variants (GSAM): what to keep of the gradient at ``w``; SAM keeps nothing."""
-        return None
-
-    def _combine_gradients(self, first: Any) -> None:
-        """Hook for variants (GSAM): turn ``.grad`` (the gradient at ``w + e``) into the update."""
+        w0 = self._save()
+        with self.frozen_batchnorm():
+            self._backward(self._forward(closure, grad=True), scaler)  # g = grad L(w)
+        self._ascend(w0, self.rho)                                    # w = w0 + rho g / ||g||
+        return self._final_pass(closure, scaler, w0)                  # grad L(w + e), applied at w0

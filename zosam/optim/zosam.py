@@ -49,16 +49,16 @@ Since ``e`` follows the surrogate, whose cosine with ``g`` is well below 1, a gu
 needs a larger ``rho`` than SAM (in a label-noise check on digits, an MLP with 40 %
 symmetric noise: best rho 2 to 3 for guided q = 1, 1.5 for SAM).
 
-Directions are drawn from a per-(seed, step, query) seed one parameter tensor at a time
-from a dedicated ``torch.Generator``, straight into the weights: no d-sized buffer per
-query, the global RNG is never touched, and a resumed run draws the same directions as
-an uninterrupted one.
+Directions are drawn from a per-(seed, step, query) seed as one flat draw per parameter
+buffer (:mod:`zosam.optim.samplers`) from a dedicated ``torch.Generator``: the global RNG
+is never touched, and a resumed run draws the same directions as an uninterrupted one.
+The loss differences, ``||g_hat||`` and the skip of a zero or non-finite estimate stay on
+the device: a step reads nothing back to the host.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -66,9 +66,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from zosam.optim.base import Closure, PerturbationOptimizer, global_norm, wide
+from zosam.optim.base import Closure, PerturbationOptimizer, check_args, wide
+from zosam.optim.flat import FlatList, l2norm, like, sq_norm, usable
 from zosam.optim.guided import GUIDES, GuidedDirections, has_momentum, momentum_buffers
-from zosam.validate import choice, in_range
+from zosam.optim.samplers import DirectionSampler, sampler
 
 DIRECTIONS = ("gaussian", "sphere", "guided")
 
@@ -89,47 +90,7 @@ def derive_seed(*values: int) -> int:
     return h & ((1 << 63) - 1)
 
 
-class SeededStreams(PerturbationOptimizer):
-    """Shared machinery (no ``__init__``, no ``step``): random tensors shaped like the
-    parameters, regenerated from a seed one parameter tensor at a time.
-
-    One dedicated ``torch.Generator`` per device is re-seeded per stream, so two streams
-    with the same seed yield the same tensors (no d-sized buffer has to be kept between
-    uses) and the global RNG is never touched. Seeds come from
-    ``derive_seed(seed, step, i)``, so a resumed run draws what an uninterrupted one would.
-    Used by ZO-SAM and RWP (Gaussian directions) and ESAM (Bernoulli weight masks).
-    """
-
-    _generators: dict[torch.device, torch.Generator]
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if not hasattr(self, "_generators"):  # created lazily: the class has no __init__
-            self._generators = {}
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device)
-        return self._generators[device]
-
-    def _stream(self, seed: int, draw: Callable[[Tensor, torch.Generator], Tensor]) -> Iterator[Tensor]:
-        """Yield ``draw(p, generator)`` for each parameter ``p``, masked to active weights."""
-        seeded: set[torch.device] = set()
-        for p in self._params():
-            gen = self._generator(p.device)
-            if p.device not in seeded:
-                gen.manual_seed(seed)
-                seeded.add(p.device)
-            yield self._masked(p, draw(p, gen))
-
-    def _directions(self, seed: int, scale: float = 1.0) -> Iterator[Tensor]:
-        """Yield ``scale * u``, ``u ~ N(0, I)``, one parameter tensor at a time, masked."""
-
-        def gaussian(p: Tensor, gen: torch.Generator) -> Tensor:
-            u = torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
-            return u.mul_(scale) if scale != 1.0 else u
-
-        return self._stream(seed, gaussian)
-
-
-class ZOSAM(SeededStreams):
+class ZOSAM(PerturbationOptimizer):
     """Zeroth-order SAM: one backward pass per step.
 
     Example::
@@ -166,7 +127,9 @@ class ZOSAM(SeededStreams):
             are frozen during the query passes. ``None`` only for a model without
             BatchNorm (otherwise every query would update the running statistics).
         max_grad_norm: clip the applied gradient to this norm (``None``: no clipping).
-        **base_kwargs: hyperparameters of ``base_optimizer`` (``lr`` ...).
+        **base_kwargs: hyperparameters of ``base_optimizer`` (``lr`` ...), and ``compile``
+            (``"none"`` or ``"graphs"``: the query passes replayed from a CUDA graph, see
+            :mod:`zosam.optim.graphs`).
 
     Distributed: when ``torch.distributed`` is initialised, every rank draws the same
     directions (same seed and step) and each query loss is averaged across ranks before
@@ -207,15 +170,10 @@ class ZOSAM(SeededStreams):
         max_grad_norm: float | None = None,
         **base_kwargs: Any,
     ) -> None:
-        in_range("rho", rho, 0, low_open=True)
-        in_range("mu", mu, 0, low_open=True)
-        in_range("q", q, 1, integer=True)
-        choice("difference", difference, ("central", "forward"))
-        choice("directions", directions, DIRECTIONS)
-        in_range("query_fraction", query_fraction, 0, 1, low_open=True)
-        in_range("seed", seed, 0, integer=True)
-        in_range("alpha", alpha, 0, 1)
-        choice("guide", guide, GUIDES)
+        check_args(rho=(rho, "positive"), mu=(mu, "positive"), q=(q, "count"),
+                   difference=(difference, ("central", "forward")), directions=(directions, DIRECTIONS),
+                   query_fraction=(query_fraction, "fraction"), seed=(seed, "seed"), alpha=(alpha, "unit"),
+                   guide=(guide, GUIDES))
         defaults = dict(rho=rho, mu=mu, q=q)
         super().__init__(params, base_optimizer, defaults, model=model,
                          max_grad_norm=max_grad_norm, **base_kwargs)
@@ -228,11 +186,14 @@ class ZOSAM(SeededStreams):
             raise ValueError(f"guide={guide!r} is invalid with a base optimizer without momentum "
                              "(SGD with momentum=0); allowed: 'gradient', or set momentum > 0")
         self._keeps_gradient = self._guided is not None and "gradient" in guide
+        self.sampler: DirectionSampler = self._guided if self._guided is not None else sampler(directions)
+        self._graphs = None
+        if self.compile == "graphs":
+            from zosam.optim.graphs import GraphedQueries
+
+            self._graphs = GraphedQueries(self.flat.flats[0].device)
 
     # -- the estimator -------------------------------------------------------------------------
-    def _query_seeds(self) -> list[int]:
-        return [derive_seed(self.seed, self.step_count, i) for i in range(self.q)]
-
     def _noise_seed(self, query: int) -> int:
         """Seed of the global RNG (dropout, drop-path) for query ``query``'s pair: every point
         of a finite-difference pair sees the same masks. Forward differences share ``L(w)``
@@ -240,115 +201,109 @@ class ZOSAM(SeededStreams):
         return derive_seed(self.seed, self.step_count, query if self.difference == "central" else 0, 1)
 
     @contextmanager
-    def _fixed_noise(self, seed: int) -> Iterator[None]:
-        """Run under a forked global RNG (CPU and the parameters' CUDA devices) seeded with
-        ``seed``: the queries' random layers draw the same masks for the same seed, and the
-        caller's RNG (the final pass, data augmentation) is left exactly as it was."""
-        cuda = sorted({p.device.index or 0 for p in self._params() if p.device.type == "cuda"})
+    def _forked_rng(self) -> Iterator[None]:
+        """Run under a forked global RNG (CPU and the parameters' CUDA devices): the queries'
+        random layers draw from seeds of their own (:meth:`_reseed`), and the caller's RNG
+        (the final pass, data augmentation) is left exactly as it was."""
+        cuda = sorted({p.device.index or 0 for p in self.params() if p.device.type == "cuda"})
         with torch.random.fork_rng(devices=cuda):
-            torch.default_generator.manual_seed(seed)
-            for i in cuda:
-                torch.cuda.default_generators[i].manual_seed(seed)
+            self._cuda_rng = cuda
             yield
 
-    def _query_loss(self, closure: Closure, noise_seed: int) -> float:
-        """One no-grad query pass, averaged over ranks (every rank then perturbs alike)."""
-        with self._fixed_noise(noise_seed):
+    def _reseed(self, seed: int) -> None:
+        torch.default_generator.manual_seed(seed)
+        for i in self._cuda_rng:
+            torch.cuda.default_generators[i].manual_seed(seed)
+
+    def _loss(self, closure: Closure, noise_seed: int) -> Tensor:
+        """One no-grad query pass (random layers seeded with ``noise_seed``), averaged over
+        ranks (every rank then perturbs alike); stays on the device."""
+        self._reseed(noise_seed)
+        out = self._graphs.loss(closure, self.query_fraction) if self._graphs is not None else None
+        if out is not None:  # replayed: the static output is overwritten by the next replay
+            self._counts["forward_no_grad"] += 1
+            lifted = wide(out)
+            loss = lifted.clone() if lifted is out else lifted
+        else:
             loss = wide(self._forward(closure, grad=False, fraction=self.query_fraction).detach())
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             loss = loss.clone()
             dist.all_reduce(loss, op=dist.ReduceOp.SUM)
             loss /= dist.get_world_size()
-        return float(loss)
+        return loss
 
-    def _fit_guide(self, params: list[Tensor]) -> int:
-        """Fit the guided sampler to this step's surrogates; returns k (0: isotropic fallback)."""
+    def _fit_guide(self) -> None:
+        """Fit the guided sampler to this step's surrogates (none: Gaussian fallback)."""
         assert self._guided is not None
-        surrogates: list[list[Tensor | None]] = []
-        if "gradient" in self.guide and self.last_gradient is not None:
-            surrogates.append(self.last_gradient)
+        surrogates: list[FlatList] = []
+        if "gradient" in self.guide and self._has_last:
+            surrogates.append(self._flat("last"))
         if "momentum" in self.guide:
-            buffers = momentum_buffers(self.base_optimizer, params)
+            buffers = momentum_buffers(self.base_optimizer, self.params())
             if buffers is not None:
-                surrogates.append(buffers)
-        return self._guided.fit(params, self.masks, surrogates, self._active_count() if surrogates else 0)
-
-    def _query_directions(self, seed: int, params: list[Tensor]) -> Iterator[Tensor]:
-        """This query's directions, one parameter tensor at a time (the seeded stream)."""
-        if self._guided is None:
-            return self._directions(seed)
-        return self._guided.directions(derive_seed(seed, 2), lambda: self._directions(seed), params)
+                views = self._buffer("momentum")
+                torch._foreach_copy_([v for v, b in zip(views, buffers, strict=True) if b is not None],
+                                     [b for b in buffers if b is not None])
+                surrogates.append(self._flat("momentum"))
+        self._guided.fit(surrogates, self._mask, self.active)
 
     @torch.no_grad()
-    def _estimate(self, closure: Closure, saved: list[Tensor]) -> list[Tensor] | None:
-        """``g_hat = (1/q) sum_i c_i u_i``, one tensor per parameter; ``None`` if zero or not finite.
-
-        Each direction is drawn once, straight into the weights (``w = w0 + mu u``, one
-        parameter tensor at a time): the weights themselves hold the query's direction,
-        so no d-sized buffer is kept per query. The minus point is ``2 w0 - (w0 + mu u)``
-        and ``u`` is read back as ``(w - w0) / mu`` when it is added into ``g_hat`` (the
-        one d-sized buffer), all with multi-tensor ``_foreach`` ops; the rounding of the
-        read-back (about eps |w0| / mu relative) is far below the estimator's noise.
-        Leaves the weights at ``w0`` (copied back exactly from ``saved``).
-        """
-        params = list(self._params())
-        g_hat = [torch.zeros_like(p) for p in params]
+    def _estimate(self, closure: Closure, w0: FlatList) -> tuple[FlatList, Tensor]:
+        """``g_hat = (1/q) sum_i c_i u_i`` into a flat buffer (MeZO's zo_step, q times):
+        perturb +, loss, perturb -, loss, accumulate; the weights end at ``w0`` exactly.
+        Returns ``g_hat`` and a device bool, false if a loss difference was not finite (that
+        query then adds nothing, so ``g_hat`` stays finite, and the step skips)."""
         if self._guided is not None:
-            self._fit_guide(params)
-        d = self._active_count() if self.directions == "sphere" else 0
-        finite = True
-        with self._frozen_batchnorm():
-            l0 = self._query_loss(closure, self._noise_seed(0)) if self.difference == "forward" else 0.0
-            for i, seed in enumerate(self._query_seeds()):
-                norms = []
-                for p, w0, u in zip(params, saved, self._query_directions(seed, params), strict=True):
-                    if d:
-                        norms.append(torch.linalg.vector_norm(wide(u)))
-                    torch.add(w0, u, alpha=self.mu, out=p)
-                if d:  # rescale onto the sphere of radius sqrt(d): w = w0 + (w - w0) s
-                    z = float(torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms])))
-                    torch._foreach_sub_(params, saved)
-                    torch._foreach_mul_(params, math.sqrt(d) / z if z > 0 else 0.0)
-                    torch._foreach_add_(params, saved)
+            self._fit_guide()
+        if self.directions == "sphere":
+            self.sampler.active = self.active  # type: ignore[attr-defined]
+        w, u = self.flat.flats, self._flat("u")
+        g_hat = u if self.q == 1 else self._flat("g_hat")  # q = 1: g_hat = (c / q) u, scaled in place
+        mu = self.mu
+        finite: Tensor | None = None
+        with self.frozen_batchnorm(), self._forked_rng():
+            l0 = self._loss(closure, self._noise_seed(0)) if self.difference == "forward" else None
+            for i in range(self.q):
+                self.sampler.draw(u, derive_seed(self.seed, self.step_count, i), self._mask)
                 noise = self._noise_seed(i)
-                l_plus = self._query_loss(closure, noise)
-                if self.difference == "central":
-                    torch._foreach_sub_(params, saved)  # w - w0 = mu u
-                    torch._foreach_neg_(params)
-                    torch._foreach_add_(params, saved)  # w = w0 - mu u
-                    c = (l_plus - self._query_loss(closure, noise)) / (2 * self.mu)
-                    k = c / (self.q * self.mu)  # g_hat += (c / q) u, with u = (w0 - w) / mu
-                    torch._foreach_add_(g_hat, saved, alpha=k)
-                    torch._foreach_add_(g_hat, params, alpha=-k)
+                for a, b, d in zip(w, w0, u, strict=True):
+                    torch.add(b, d, alpha=mu, out=a)                  # w = w0 + mu u
+                l_plus = self._loss(closure, noise)
+                if l0 is None:
+                    for a, b, d in zip(w, w0, u, strict=True):
+                        torch.add(b, d, alpha=-mu, out=a)             # w = w0 - mu u
+                    c = (l_plus - self._loss(closure, noise)) / (2 * mu)  # central difference
                 else:
-                    c = (l_plus - l0) / self.mu
-                    k = c / (self.q * self.mu)  # u = (w - w0) / mu
-                    torch._foreach_add_(g_hat, params, alpha=k)
-                    torch._foreach_add_(g_hat, saved, alpha=-k)
-                finite = finite and math.isfinite(c)
-        self._restore(saved)
-        if not finite:
-            return None
-        norm = global_norm(g_hat)
-        return g_hat if math.isfinite(norm) and norm > 0 else None
-
-    def _active_count(self) -> int:
-        """Number of perturbed weights (active weights of masked tensors, all of the others)."""
-        return sum(int(self.masks[p].sum()) if p in self.masks else p.numel() for p in self._params())
+                    c = (l_plus - l0) / mu                            # forward difference
+                ok = torch.isfinite(c)
+                finite = ok if finite is None else finite & ok
+                k = torch.where(ok, c / self.q, torch.zeros_like(c))
+                for g, d in zip(g_hat, u, strict=True):
+                    if i == 0:
+                        torch.mul(d, like(k, g), out=g)               # g_hat = (c / q) u
+                    else:
+                        g.addcmul_(d, like(k, g))                     # g_hat += (c / q) u
+        self._restore(w0)
+        assert finite is not None
+        return g_hat, finite
 
     def estimate_gradient(self, closure: Closure) -> list[Tensor] | None:
-        """The RGE ``g_hat`` of the current step's directions, one tensor per parameter.
+        """The RGE ``g_hat`` of the current step's directions, one tensor per parameter
+        (copies), or ``None`` if it is zero or not finite (reads its norm back).
 
-        A diagnostic (e.g. its cosine with the true gradient): weights, BatchNorm
-        statistics, the step count and the pass counts are left unchanged.
+        A diagnostic (e.g. its cosine with the true gradient, :mod:`zosam.optim.diagnostics`):
+        weights, BatchNorm statistics, the step count and the pass counts are left unchanged.
         """
         closure = self._check_closure(closure, self.query_fraction)
         counts = dict(self._counts)
-        saved = self._save()
+        w0 = self._save()
         try:
-            return self._estimate(closure, saved)
+            g_hat, finite = self._estimate(closure, w0)
+            if not bool(usable(sq_norm(g_hat)) & finite):
+                return None
+            return [v.clone() for v in self.flat.views(g_hat)]
         finally:
-            self._restore(saved)
+            self._restore(w0)
             self._counts = counts
 
     # -- the step ------------------------------------------------------------------------------
@@ -363,17 +318,8 @@ class ZOSAM(SeededStreams):
                 call ``scaler.update()`` after ``step`` as usual.
         """
         closure = self._check_closure(closure, self.query_fraction)
-        saved = self._save()
-        g_hat = self._estimate(closure, saved)
-        if g_hat is None:
-            self.skipped_perturbations += 1
-        else:  # w = w0 + rho g_hat / ||g_hat|| (the weights are at w0 exactly)
-            with torch.no_grad():
-                torch._foreach_mul_(g_hat, self.rho / global_norm(g_hat))
-                torch._foreach_add_(list(self._params()), g_hat)
-        del g_hat  # free the d-sized estimate before the backward pass
-        loss = self._forward(closure, grad=True)
-        self._backward(loss, scaler)
-        self._restore(saved)
-        self._update(scaler)
-        return loss.detach()
+        w0 = self._save()
+        g_hat, finite = self._estimate(closure, w0)        # 2q no-grad forwards
+        self._perturb(w0, g_hat, l2norm(g_hat), self.rho,  # w = w0 + rho g_hat / ||g_hat||
+                      may_be_nonfinite=False, valid=finite)
+        return self._final_pass(closure, scaler, w0)       # grad L(w + e), applied at w0

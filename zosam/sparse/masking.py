@@ -28,6 +28,7 @@ from zosam.sparse.config import SparsityConfig
 from zosam.sparse.distributions import layer_counts
 from zosam.sparse.flops import count_flops
 from zosam.sparse.masks import (
+    Maskable,
     apply_masks,
     broadcast_masks,
     maskable_parameters,
@@ -146,12 +147,13 @@ class Masking:
     def attach(self, optimizer: Any) -> None:
         """Make ``optimizer``'s masks follow this masking (now and after every update).
 
-        Optimizers with ``set_masks`` (``zosam.optim``) apply the masks after each step
-        themselves; with a plain torch optimizer :meth:`step` applies them.
+        :class:`~zosam.sparse.masks.Maskable` optimizers (those of ``zosam.optim``) apply
+        the masks after each step themselves; with a plain torch optimizer :meth:`step`
+        applies them.
         """
         if optimizer not in self.optimizers:
             self.optimizers.append(optimizer)
-        if hasattr(optimizer, "set_masks"):
+        if isinstance(optimizer, Maskable):
             optimizer.set_masks(self.param_masks() or None)
 
     # -- per step ----------------------------------------------------------------------
@@ -160,7 +162,7 @@ class Masking:
         return {self.params[n]: m for n, m in self.masks.items()}
 
     def apply(self) -> None:
-        """Zero every pruned weight (``zosam.optim.apply_masks``)."""
+        """Zero every pruned weight (:func:`~zosam.sparse.masks.apply_masks`)."""
         apply_masks(self.param_masks())
 
     def step(self, step: int) -> bool:
@@ -174,7 +176,7 @@ class Masking:
         """
         if self.config.is_dense:
             return False
-        if not any(hasattr(o, "set_masks") for o in self.optimizers):
+        if not any(isinstance(o, Maskable) for o in self.optimizers):
             self.apply()
         if not self.config.is_dynamic or not dst.is_update_step(
             self.config, step, self.total_steps
@@ -224,7 +226,7 @@ class Masking:
         """Apply the masks to the weights and hand them to every attached optimizer."""
         self.apply()
         for opt in self.optimizers:
-            if hasattr(opt, "set_masks"):
+            if isinstance(opt, Maskable):
                 opt.set_masks(self.param_masks())
 
     def _checked_counts(self, masks: dict[str, Tensor]) -> dict[str, int]:

@@ -4,26 +4,26 @@ Maskable weights are the ``weight`` of every conv and linear layer; biases and n
 layers always stay dense, and by default so do the first layer (its input has few
 channels, so pruning it costs accuracy for almost no savings) and the classifier.
 Masks are boolean tensors shaped like their weight, ``True`` = active. They are applied
-to the weights (``w *= mask``) after every optimizer step, by the optimizer
-(``zosam.optim.apply_masks``), so gradients of pruned weights stay dense (RigL grows by
-them).
+to the weights (``w *= mask``) after every optimizer step (:func:`apply_masks`, or by
+the optimizer itself if it implements :class:`Maskable`), so gradients of pruned weights
+stay dense (RigL grows by them).
 """
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Iterable, Mapping
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from zosam.optim import apply_masks
-
 #: Module types whose ``weight`` is maskable.
 MASKABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 __all__ = [
     "MASKABLE_TYPES",
+    "Maskable",
     "apply_masks",
     "broadcast_masks",
     "global_topk_masks",
@@ -31,6 +31,32 @@ __all__ = [
     "reset_optimizer_state",
     "topk_mask",
 ]
+
+
+@torch.no_grad()
+def apply_masks(masks: Mapping[Tensor, Tensor]) -> None:
+    """Zero every pruned weight: ``p *= mask`` for each ``(p, mask)``.
+
+    The project's single mask-application function for plain torch optimizers
+    (``Masking.apply``); :class:`Maskable` optimizers apply their masks themselves.
+    """
+    for p, m in masks.items():
+        p.mul_(m)
+
+
+class Maskable(abc.ABC):
+    """An optimizer that takes the masks and keeps pruned weights at zero itself.
+
+    ``Masking.attach`` hands masks to a ``Maskable`` optimizer through :meth:`set_masks`
+    (now and after every mask update) and leaves the re-application after each step to
+    it; any other optimizer gets its weights masked by ``Masking.step``. The optimizers of
+    ``zosam.optim`` subclass it.
+    """
+
+    @abc.abstractmethod
+    def set_masks(self, masks: Mapping[Tensor, Tensor] | None) -> None:
+        """Restrict every perturbation and update to ``mask == True`` weights (``None``: no masks)
+        and multiply the weights by their masks now and after every step."""
 
 
 def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
