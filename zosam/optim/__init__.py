@@ -18,8 +18,8 @@ from zosam.optim.flat import FlatParams
 from zosam.optim.guided import GUIDES, GuidedDirections
 from zosam.optim.peers import ESAM, GSAM, MSAM, RWP, AsyncSAM, LookSAM
 from zosam.optim.sam import SAM, FirstOrder
-from zosam.optim.samplers import Bernoulli, DirectionSampler, Gaussian, Sphere
-from zosam.optim.zosam import ZOSAM, derive_seed
+from zosam.optim.samplers import Bernoulli, DirectionSampler, Gaussian, Sphere, derive_seed
+from zosam.optim.zosam import ZOSAM
 from zosam.registry import Registry
 from zosam.sparse.masks import apply_masks
 

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from zosam.optim.flat import FlatList, dot
-from zosam.optim.samplers import Seeded
+from zosam.optim.samplers import Seeded, derive_seed
 
 GUIDES = ("gradient", "momentum", "gradient+momentum")
 """Surrogates of guided directions: the gradient applied by the previous step, the base
@@ -139,8 +139,6 @@ class GuidedDirections(Seeded):
         same on every rank; ``a_j`` for the j-th kept surrogate). With ``k = 0`` (no usable
         surrogate) ``u = z``.
         """
-        from zosam.optim.zosam import derive_seed
-
         for t, gen in zip(out, self._seeded(out, seed), strict=True):
             t.normal_(generator=gen)  # z
         n = len(self._surrogates)

@@ -23,8 +23,7 @@ from zosam.optim.base import Closure, PerturbationOptimizer, check_args, wide
 from zosam.optim.flat import FlatList, l2norm, like, usable
 from zosam.optim.guided import has_momentum, momentum_buffers
 from zosam.optim.sam import SAM
-from zosam.optim.samplers import Bernoulli, Gaussian
-from zosam.optim.zosam import derive_seed
+from zosam.optim.samplers import Bernoulli, Gaussian, derive_seed
 from zosam.validate import in_range
 
 

@@ -33,6 +33,23 @@ class DirectionSampler(Protocol):
         ...
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def derive_seed(*values: int) -> int:
+    """Mix integers into one 63-bit seed (splitmix64 finaliser on a running hash).
+
+    Gives well-separated streams for neighbouring ``(seed, step, query)`` triples, which
+    ``seed + step`` arithmetic would not (``(0, 1)`` and ``(1, 0)`` would collide).
+    """
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (v & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
+        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & _MASK64
+        h ^= h >> 31
+    return h & ((1 << 63) - 1)
+
+
 class Seeded:
     """One dedicated generator per device, reseeded per draw."""
 
@@ -107,4 +124,4 @@ def sampler(kind: str) -> Gaussian:
     return Sphere() if kind == "sphere" else Gaussian()
 
 
-__all__ = ["Bernoulli", "DirectionSampler", "Gaussian", "Seeded", "Sphere", "sampler"]
+__all__ = ["Bernoulli", "DirectionSampler", "Gaussian", "Seeded", "Sphere", "derive_seed", "sampler"]

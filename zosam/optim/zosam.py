@@ -69,26 +69,9 @@ from torch import Tensor, nn
 from zosam.optim.base import Closure, PerturbationOptimizer, check_args, wide
 from zosam.optim.flat import FlatList, l2norm, like, sq_norm, usable
 from zosam.optim.guided import GUIDES, GuidedDirections, has_momentum, momentum_buffers
-from zosam.optim.samplers import DirectionSampler, sampler
+from zosam.optim.samplers import DirectionSampler, derive_seed, sampler
 
 DIRECTIONS = ("gaussian", "sphere", "guided")
-
-_MASK64 = (1 << 64) - 1
-
-
-def derive_seed(*values: int) -> int:
-    """Mix integers into one 63-bit seed (splitmix64 finaliser on a running hash).
-
-    Gives well-separated streams for neighbouring ``(seed, step, query)`` triples, which
-    ``seed + step`` arithmetic would not (``(0, 1)`` and ``(1, 0)`` would collide).
-    """
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (v & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
-        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & _MASK64
-        h ^= h >> 31
-    return h & ((1 << 63) - 1)
-
 
 class ZOSAM(PerturbationOptimizer):
     """Zeroth-order SAM: one backward pass per step.
