@@ -12,7 +12,6 @@ import functools
 import hashlib
 import logging
 import os
-import socket
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from zosam.validate import ConfigError, check_tracking_uri_format, check_writable_dir
+from zosam.validate import check_reachable, check_sqlite_path, check_tracking_uri_format
 
 STATUS_TAG, REASON_TAG, KEY_TAG = "zosam.status", "zosam.failure_reason", "zosam.run_key"
 KEY_HASH_TAG = "zosam.run_key_sha256"  # what lookups filter on: hex only, nothing to escape
@@ -79,23 +78,11 @@ def check_tracking_uri(field: str, uri: str, *, timeout_s: float = CONNECT_TIMEO
     check_tracking_uri_format(field, uri)
     scheme = uri.partition("://")[0].split("+")[0].lower()
     if scheme == "sqlite":
-        db = Path(uri.removeprefix("sqlite:///"))
-        if db.is_dir():
-            raise ConfigError(f"{field}={uri!r} is invalid; {db} is a folder, not a database file")
-        if not db.parent.is_dir():
-            raise ConfigError(f"{field}={uri!r} is invalid; the folder {db.parent} does not exist "
-                              "(create it, or point the URI at an existing folder)")
-        check_writable_dir(field, db.parent)
+        check_sqlite_path(field, uri, uri.removeprefix("sqlite:///"), folder_must_exist=True)
     elif scheme in ("http", "https"):
         parts = urlsplit(uri)
         port = parts.port or (443 if scheme == "https" else 80)
-        try:
-            with socket.create_connection((parts.hostname, port), timeout=timeout_s):
-                pass
-        except OSError as e:
-            reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
-            raise ConfigError(f"{field}={uri!r}: no MLflow server answers at {parts.hostname}:{port} "
-                              f"({reason}, {timeout_s:g} s timeout)") from None
+        check_reachable(field, uri, parts.hostname, port, "MLflow server", timeout_s=timeout_s)
     return uri
 
 

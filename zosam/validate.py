@@ -214,3 +214,34 @@ def check_writable_dir(field: str, path: Any, *, create: bool = False) -> Any:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"{field}={str(path)!r} is not writable ({probe})")
     return path
+
+
+def check_sqlite_path(field: str, url: str, path: Any, *, folder_must_exist: bool = False) -> Any:
+    """A sqlite database file about to be opened (nothing is created): ``path`` is not a folder,
+    and its folder is writable (must already exist with ``folder_must_exist``, else the deepest
+    existing part is probed). The message names ``field`` and the whole ``url``."""
+    from pathlib import Path
+
+    db = Path(path)
+    if db.is_dir():
+        raise ConfigError(f"{field}={url!r} is invalid; {db} is a folder, not a database file")
+    if folder_must_exist and not db.parent.is_dir():
+        raise ConfigError(f"{field}={url!r} is invalid; the folder {db.parent} does not exist "
+                          "(create it, or point the URI at an existing folder)")
+    check_writable_dir(field, db.parent)
+    return path
+
+
+def check_reachable(field: str, url: str, host: str, port: int, what: str, *, timeout_s: float) -> str:
+    """A server (``what``: "database", "MLflow server") answers a TCP connection at ``host:port``
+    within ``timeout_s``: checked before any work, because the clients themselves retry for minutes."""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as e:
+        reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+        raise ConfigError(f"{field}={url!r}: no {what} answers at {host}:{port} "
+                          f"({reason}, {timeout_s:g} s timeout)") from None
+    return url

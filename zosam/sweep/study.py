@@ -14,13 +14,12 @@ are ``optuna.visualization.matplotlib``'s, logged to the sweep's parent MLflow r
 from __future__ import annotations
 
 import os
-import socket
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from zosam.validate import ConfigError, check_writable_dir, show
+from zosam.validate import ConfigError, check_reachable, check_sqlite_path, show
 
 STUDY_FILE = "optuna.db"  # the local default, beside the sweep's outputs (one study per sweep name)
 STORAGE_ENV = "ZOSAM_OPTUNA_STORAGE"
@@ -62,20 +61,11 @@ def check_storage(field: str, url: str, *, timeout_s: float = CONNECT_TIMEOUT_S)
     check_storage_url_format(field, url)
     scheme = url.partition("://")[0].split("+")[0].lower()
     if scheme == "sqlite":
-        db = Path(url.removeprefix(url.partition("://")[0] + ":///"))
-        if db.is_dir():
-            raise ConfigError(f"{field}={url!r} is invalid; {db} is a folder, not a database file")
-        check_writable_dir(field, db.parent)
+        check_sqlite_path(field, url, url.removeprefix(url.partition("://")[0] + ":///"))
         return url
     parts = urlsplit(url)
     port = parts.port or {"postgresql": 5432, "mysql": 3306}[scheme]
-    try:
-        with socket.create_connection((parts.hostname or "localhost", port), timeout=timeout_s):
-            pass
-    except OSError as e:
-        reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
-        raise ConfigError(f"{field}={url!r}: no database answers at {parts.hostname}:{port} "
-                          f"({reason}, {timeout_s:g} s timeout)") from None
+    check_reachable(field, url, parts.hostname or "localhost", port, "database", timeout_s=timeout_s)
     return url
 
 
