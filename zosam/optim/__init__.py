@@ -14,9 +14,13 @@ from __future__ import annotations
 import torch
 
 from zosam.optim.base import PerturbationOptimizer, check_args, global_norm, make_closure, wide
+from zosam.optim.esam import ESAM
 from zosam.optim.flat import FlatParams
+from zosam.optim.free_ascent import MSAM, AsyncSAM
+from zosam.optim.gsam import GSAM
 from zosam.optim.guided import GUIDES, GuidedDirections
-from zosam.optim.peers import ESAM, GSAM, MSAM, RWP, AsyncSAM, LookSAM
+from zosam.optim.looksam import LookSAM
+from zosam.optim.rwp import RWP
 from zosam.optim.sam import SAM, FirstOrder
 from zosam.optim.samplers import Bernoulli, DirectionSampler, Gaussian, Sphere, derive_seed
 from zosam.optim.zosam import ZOSAM
