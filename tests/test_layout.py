@@ -31,6 +31,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("zosam.recipe",),  # the DeiT training recipe's pieces (Mixup, EMA, weight-decay groups) around timm
     ("zosam.optimizer_factory",),
     ("zosam.config",),  # the typed run config: checks names against data, models, sparse, optim
+    ("zosam.checkpoint",),  # the checkpoint file: name, keys, atomic write, checked read
     ("zosam.engine",),
     ("zosam.runner",),
     ("zosam.ray_train",),

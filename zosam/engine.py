@@ -12,7 +12,6 @@ schedule, with the dense gradients of this step) -> LR scheduler.
 from __future__ import annotations
 
 import math
-import pickle
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +23,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# The checkpoint file's names stay importable from here (``from zosam.engine import CHECKPOINT_FILE``).
+from zosam.checkpoint import (  # noqa: F401
+    CHECKPOINT_FILE,
+    CHECKPOINT_KEYS,
+    CheckpointError,
+    read_checkpoint,
+    write_checkpoint,
+)
 from zosam.config import RunConfig
 from zosam.console import eprint, progress_bar
 from zosam.data import load_dataset, make_loaders
@@ -34,42 +41,9 @@ from zosam.recipe import ModelEma, StepMixup, soft_target_loss, train_accuracy_t
 from zosam.sparse import Masking
 from zosam.validate import ConfigError
 
-CHECKPOINT_FILE = "checkpoint.pt"
-CHECKPOINT_KEYS = ("epoch", "global_step", "model", "optimizer", "masking", "scheduler", "scaler", "torch_rng",
-                   "history", "train_time_s", "images_seen", "extra", "config")
-
 
 class Diverged(RuntimeError):
     """A non-finite training or test loss: the run stops with status ``failed`` and this reason."""
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint that cannot be resumed from (truncated, empty, not a checkpoint): one line
-    naming the file and the choices."""
-
-
-def read_checkpoint(path: str | Path, map_location: torch.device | str = "cpu") -> dict[str, Any]:
-    """Load a checkpoint file written by :meth:`Trainer.save_checkpoint`, or raise ``CheckpointError``
-    naming the file, why it is unusable and what to do (an older checkpoint beside it, or start over)."""
-    path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-        missing = [k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else ["all"]
-        if missing:
-            raise KeyError(f"not a zosam checkpoint (missing {', '.join(missing[:3])})")
-    except Exception as e:  # torch raises EOFError, UnpicklingError, RuntimeError, ... for a damaged file
-        if isinstance(e, EOFError):
-            why = "the file ends early (empty or cut off)"
-        elif isinstance(e, pickle.UnpicklingError):
-            why = "not a torch checkpoint (unpickling failed)"
-        else:
-            why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
-        others = sorted(p.name for p in path.parent.glob("*.pt") if p != path) if path.parent.is_dir() else []
-        older = f"resume from an older checkpoint there ({', '.join(others[:3])}: copy it to {path.name}), or " \
-            if others else ""
-        raise CheckpointError(f"checkpoint {path} is unreadable: {why}; {older}start over: "
-                              f"delete {path} (or run without --resume, or with another name)") from None
-    return ckpt
 
 
 @dataclass
@@ -237,15 +211,7 @@ class Trainer:
         if self.checkpoint_dir is None or self.rank != 0:
             return None
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        path = self.checkpoint_dir / CHECKPOINT_FILE
-        tmp = path.with_suffix(".tmp")
-        try:
-            torch.save(self.state_dict(epoch), tmp)
-            tmp.replace(path)  # a run killed while saving keeps the previous checkpoint
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # a full disk leaves no partial file behind
-            raise
-        return path
+        return write_checkpoint(self.state_dict(epoch), self.checkpoint_dir / CHECKPOINT_FILE)
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Resume from a checkpoint: the run continues exactly as if never interrupted."""
