@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from zosam.data import DataConfig
-from zosam.optim.base import COMPILE_MODES
+from zosam.optim.checks import COMPILE_MODES
 from zosam.optimizer_factory import build_optimizer, optimizer_hyper
 from zosam.sparse import SparsityConfig
 from zosam.validate import (

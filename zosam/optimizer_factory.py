@@ -54,7 +54,7 @@ def build_optimizer(name: str, base: str, hyper: Mapping[str, Any], max_grad_nor
 
     ``filter_bias_and_bn`` puts norms, biases and the model's ``no_weight_decay()`` names in
     a group without weight decay (timm's rule, as DeiT trains); ``compile`` is the
-    optimizer's pass mode (``none`` or ``graphs``, see ``zosam.optim.base.COMPILE_MODES``).
+    optimizer's pass mode (``none`` or ``graphs``, see ``zosam.optim.checks.COMPILE_MODES``).
 
     Optimizers with a ``seed`` argument (ZO-SAM's directions, ...) get ``default_seed``
     (the run's seed) unless ``hyper`` sets their own. Whatever the constructors reject is a

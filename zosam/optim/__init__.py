@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import torch
 
-from zosam.optim.base import PerturbationOptimizer, check_args, global_norm, make_closure, wide
+from zosam.optim.base import PerturbationOptimizer
+from zosam.optim.checks import check_args
+from zosam.optim.closure import make_closure
 from zosam.optim.esam import ESAM
-from zosam.optim.flat import FlatParams
+from zosam.optim.flat import FlatParams, global_norm, wide
 from zosam.optim.free_ascent import MSAM, AsyncSAM
 from zosam.optim.gsam import GSAM
 from zosam.optim.guided import GUIDES, GuidedDirections

@@ -23,7 +23,6 @@ Subclasses write :meth:`step` from these helpers:
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -32,138 +31,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from zosam.optim.checks import COMPILE_MODES, check_args
+from zosam.optim.closure import Closure, _accepts
 from zosam.optim.flat import FlatList, FlatParams, dot, l2norm, like, sq_norm, usable
 from zosam.sparse.masks import Maskable
-from zosam.validate import choice, in_range
-
-Closure = Callable[..., Tensor]
-
-COMPILE_MODES = ("none", "graphs")
-"""``compile``: eager passes, or the no-grad query passes replayed from CUDA graphs
-(:mod:`zosam.optim.graphs`; ignored on the CPU)."""
-
-_RULES: dict[str, dict[str, Any]] = {
-    "positive": {"low": 0, "low_open": True},       # (0, inf)
-    "nonnegative": {"low": 0},                      # [0, inf)
-    "fraction": {"low": 0, "high": 1, "low_open": True},  # (0, 1]
-    "unit": {"low": 0, "high": 1},                  # [0, 1]
-    "count": {"low": 1, "integer": True},           # 1, 2, ...
-    "seed": {"low": 0, "integer": True},            # 0, 1, ...
-}
-
-
-def check_args(**args: tuple[Any, str | tuple[str, ...]]) -> None:
-    """The one constructor check of every optimizer: ``name=(value, rule)``.
-
-    ``rule`` is one of ``positive``, ``nonnegative``, ``fraction`` ((0, 1]), ``unit``
-    ([0, 1]), ``count`` (integer >= 1), ``seed`` (integer >= 0), ``bool``, or a tuple of
-    allowed strings. Raises ``ValueError`` naming the field and what is allowed.
-    """
-    for name, (value, rule) in args.items():
-        if isinstance(rule, tuple):
-            choice(name, value, rule)
-        elif rule == "bool":
-            if not isinstance(value, bool):
-                raise ValueError(f"{name}={value!r} is invalid; allowed: True, False")
-        else:
-            in_range(name, value, **_RULES[rule])
-
-
-class BatchClosure:
-    """The closure :func:`make_closure` returns: ``loss_fn(model(x), y)`` on one batch.
-
-    ``closure(fraction=1.0, *, indices=None, reduction="mean")`` returns the loss; it never
-    calls backward. ``inputs`` / ``targets`` are the batch and :meth:`rebind` the same
-    closure on other tensors of that shape (the static input buffers of a CUDA graph).
-    """
-
-    def __init__(self, model: nn.Module, loss_fn: Callable[..., Tensor], inputs: Tensor, targets: Tensor, *,
-                 autocast: torch.autocast | None = None,
-                 record: Callable[[Tensor, Tensor], None] | None = None) -> None:
-        self.model, self.loss_fn, self.inputs, self.targets = model, loss_fn, inputs, targets
-        self.autocast, self.record = autocast, record
-
-    def rebind(self, inputs: Tensor, targets: Tensor) -> BatchClosure:
-        """This closure on ``inputs`` / ``targets`` (without ``record``)."""
-        return BatchClosure(self.model, self.loss_fn, inputs, targets, autocast=self.autocast)
-
-    def __call__(self, fraction: float = 1.0, *, indices: Tensor | None = None, reduction: str = "mean") -> Tensor:
-        choice("reduction", reduction, ("mean", "none"))
-        inputs, targets = self.inputs, self.targets
-        if indices is not None:
-            if fraction < 1.0:
-                raise ValueError("closure: pass either fraction < 1 or indices, not both")
-            x, y = inputs[indices], targets[indices]
-        else:
-            n = inputs.shape[0] if fraction >= 1.0 else max(1, math.ceil(fraction * inputs.shape[0]))
-            x, y = (inputs, targets) if n == inputs.shape[0] else (inputs[:n], targets[:n])
-        kwargs = {} if reduction == "mean" else {"reduction": reduction}
-        if self.autocast is None:
-            out = self.model(x)
-        else:
-            with self.autocast:
-                out = self.model(x)
-        if self.record is not None and indices is None and fraction >= 1.0 and torch.is_grad_enabled():
-            self.record(out.detach(), y)
-        if self.autocast is None:
-            return self.loss_fn(out, y, **kwargs)
-        with self.autocast:
-            return self.loss_fn(out, y, **kwargs)
-
-
-def make_closure(
-    model: nn.Module,
-    loss_fn: Callable[..., Tensor],
-    inputs: Tensor,
-    targets: Tensor,
-    *,
-    autocast: torch.autocast | None = None,
-    record: Callable[[Tensor, Tensor], None] | None = None,
-) -> BatchClosure:
-    """Build the standard closure for :meth:`PerturbationOptimizer.step` (a :class:`BatchClosure`).
-
-    ``closure(fraction=1.0, *, indices=None, reduction="mean")`` runs
-    ``loss_fn(model(x), y)`` and returns the loss; it never calls backward.
-
-    - ``fraction < 1``: only the first ``ceil(fraction * B)`` samples (the batch is
-      already shuffled, so a prefix is a random subset).
-    - ``indices``: only the samples ``inputs[indices]`` (ESAM's data selection); not
-      combinable with ``fraction < 1``.
-    - ``reduction="none"``: per-sample losses (a length-n tensor) from
-      ``loss_fn(out, y, reduction="none")``, so ``loss_fn`` must accept ``reduction=``
-      as ``F.cross_entropy`` does; ``"mean"`` calls ``loss_fn(out, y)`` unchanged.
-
-    ``autocast``, if given (e.g. ``torch.autocast("cuda", dtype=torch.float16)``), wraps
-    the forward pass.
-
-    ``record``, if given, is called as ``record(outputs, targets)`` after every pass over
-    the whole batch with autograd on (any ``reduction``), e.g. to count correct
-    predictions; the last such pass of a step is the one an optimizer trains on.
-    """
-    return BatchClosure(model, loss_fn, inputs, targets, autocast=autocast, record=record)
-
-
-def _accepts(fn: Callable[..., Any], keyword: str) -> bool:
-    params = inspect.signature(fn).parameters
-    return keyword in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
-def wide(t: Tensor) -> Tensor:
-    """``t`` in at least float32: half-precision losses and norms are lifted, float64 stays
-    float64 (so float64 runs keep their precision through norms and loss differences)."""
-    dtype = torch.promote_types(t.dtype, torch.float32)
-    return t if t.dtype == dtype else t.to(dtype)
-
-
-def global_norm(tensors: list[Tensor]) -> float:
-    """The L2 norm of a list of tensors as one vector, in at least float32, read back to
-    the host (one synchronisation: for diagnostics and tests, not for a step). 0.0 for an
-    empty list."""
-    if not tensors:
-        return 0.0
-    norms = torch._foreach_norm(tensors)
-    dev = norms[0].device
-    return float(torch.linalg.vector_norm(torch.stack([wide(n).to(dev) for n in norms])))
+from zosam.validate import in_range
 
 
 def _fast_base_kwargs(base: type[torch.optim.Optimizer], params: list[Tensor],

@@ -13,7 +13,9 @@ import math
 import torch
 from torch import Tensor
 
-from zosam.optim.base import Closure, PerturbationOptimizer, wide
+from zosam.optim.base import PerturbationOptimizer
+from zosam.optim.closure import Closure
+from zosam.optim.flat import wide
 from zosam.optim.zosam import ZOSAM
 
 

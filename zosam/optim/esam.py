@@ -14,7 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from zosam.optim.base import Closure, check_args, wide
+from zosam.optim.checks import check_args
+from zosam.optim.closure import Closure
+from zosam.optim.flat import wide
 from zosam.optim.sam import SAM
 from zosam.optim.samplers import Bernoulli, derive_seed
 

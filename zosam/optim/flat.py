@@ -202,3 +202,21 @@ def dot(a: FlatList, b: FlatList) -> Tensor:
 def usable(norm: Tensor) -> Tensor:
     """``norm`` is finite and > 0 (a device bool, no sync)."""
     return torch.isfinite(norm) & (norm > 0)
+
+
+def wide(t: Tensor) -> Tensor:
+    """``t`` in at least float32: half-precision losses and norms are lifted, float64 stays
+    float64 (so float64 runs keep their precision through norms and loss differences)."""
+    dtype = torch.promote_types(t.dtype, torch.float32)
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def global_norm(tensors: list[Tensor]) -> float:
+    """The L2 norm of a list of tensors as one vector, in at least float32, read back to
+    the host (one synchronisation: for diagnostics and tests, not for a step). 0.0 for an
+    empty list."""
+    if not tensors:
+        return 0.0
+    norms = torch._foreach_norm(tensors)
+    dev = norms[0].device
+    return float(torch.linalg.vector_norm(torch.stack([wide(n).to(dev) for n in norms])))

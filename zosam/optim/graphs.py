@@ -25,7 +25,7 @@ import logging
 import torch
 from torch import Tensor
 
-from zosam.optim.base import BatchClosure, Closure
+from zosam.optim.closure import BatchClosure, Closure
 
 log = logging.getLogger(__name__)
 

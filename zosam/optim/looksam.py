@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from zosam.optim.base import Closure, check_args
+from zosam.optim.checks import check_args
+from zosam.optim.closure import Closure
 from zosam.optim.flat import FlatList, like, usable
 from zosam.optim.sam import SAM
 

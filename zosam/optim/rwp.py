@@ -8,7 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from zosam.optim.base import Closure, PerturbationOptimizer, check_args
+from zosam.optim.base import PerturbationOptimizer
+from zosam.optim.checks import check_args
+from zosam.optim.closure import Closure
 from zosam.optim.flat import l2norm, like, usable
 from zosam.optim.samplers import Gaussian, derive_seed
 

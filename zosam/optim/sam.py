@@ -7,7 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from zosam.optim.base import Closure, PerturbationOptimizer, check_args
+from zosam.optim.base import PerturbationOptimizer
+from zosam.optim.checks import check_args
+from zosam.optim.closure import Closure
 from zosam.optim.flat import FlatList, l2norm
 
 

@@ -66,8 +66,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from zosam.optim.base import Closure, PerturbationOptimizer, check_args, wide
-from zosam.optim.flat import FlatList, l2norm, like, sq_norm, usable
+from zosam.optim.base import PerturbationOptimizer
+from zosam.optim.checks import check_args
+from zosam.optim.closure import Closure
+from zosam.optim.flat import FlatList, l2norm, like, sq_norm, usable, wide
 from zosam.optim.guided import GUIDES, GuidedDirections, has_momentum, momentum_buffers
 from zosam.optim.samplers import DirectionSampler, derive_seed, sampler
 
