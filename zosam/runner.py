@@ -25,13 +25,13 @@ from zosam.engine import (
     read_checkpoint,
     resolve_device,
 )
+from zosam.plotting import learning_curve_figure
 from zosam.tracking import (
     RunLogger,
     TrackingError,
     check_tracking_uri,
     default_tracking_uri,
     flatten,
-    learning_curve_figure,
 )
 from zosam.validate import ConfigError, check_writable_dir
 

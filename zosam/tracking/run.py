@@ -1,8 +1,9 @@
-"""MLflow logging with explicit run ids (no global active run, no ``MLFLOW_RUN_ID`` surprises).
+"""One MLflow run, addressed by id (no global active run, no ``MLFLOW_RUN_ID`` surprises):
+params, metrics, tags, artifacts, the final model, the data set and system metrics.
 
-Everything goes through one ``MlflowClient`` and the run id it created, so a trial inside
-Ray, a resumed run and a child of a sweep's parent run all log to exactly the run they
-mean. Names of tags, params and metrics: ``docs/design.md``.
+Every call goes through the store's client and the run id it created or found, so a trial
+inside Ray, a resumed run and a child of a sweep's parent run all log to exactly the run
+they mean. MLflow's errors become one :class:`~zosam.tracking.store.TrackingError`.
 """
 
 from __future__ import annotations
@@ -11,25 +12,19 @@ import contextlib
 import functools
 import hashlib
 import logging
-import os
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
-from zosam.validate import check_reachable, check_sqlite_path, check_tracking_uri_format
+from zosam.tracking.store import TrackingError, client, ensure_experiment, store_lock
 
 STATUS_TAG, REASON_TAG, KEY_TAG = "zosam.status", "zosam.failure_reason", "zosam.run_key"
 KEY_HASH_TAG = "zosam.run_key_sha256"  # what lookups filter on: hex only, nothing to escape
 MODEL_ID_TAG = "zosam.model_id"  # the run's final model (an MLflow LoggedModel id)
-CONNECT_TIMEOUT_S = 5.0
 SYSTEM_METRICS_INTERVAL_S = 10.0  # one CPU/memory/GPU sample per 10 s: a few points per short run, cheap
-
-
-class TrackingError(RuntimeError):
-    """A write to (or read from) the MLflow store failed: the run ends ``failed`` with this reason."""
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -52,11 +47,6 @@ def _tracked(fn: _F) -> _F:
     return wrapper  # type: ignore[return-value]
 
 
-def default_tracking_uri() -> str:
-    """``$MLFLOW_TRACKING_URI``, else a sqlite store ``mlflow.db`` in the working directory."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-
-
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """``{"optimizer": {"rho": 0.05}}`` -> ``{"optimizer.rho": "0.05"}`` (MLflow params are strings)."""
     out: dict[str, str] = {}
@@ -67,67 +57,6 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[key] = str(v)[:6000]
     return out
-
-
-def check_tracking_uri(field: str, uri: str, *, timeout_s: float = CONNECT_TIMEOUT_S) -> str:
-    """Check a tracking URI before any work: its form; a sqlite store's folder exists and is
-    writable (nothing is created); a server answers a TCP connection within ``timeout_s``
-    (MLflow itself retries for minutes)."""
-    from urllib.parse import urlsplit
-
-    check_tracking_uri_format(field, uri)
-    scheme = uri.partition("://")[0].split("+")[0].lower()
-    if scheme == "sqlite":
-        check_sqlite_path(field, uri, uri.removeprefix("sqlite:///"), folder_must_exist=True)
-    elif scheme in ("http", "https"):
-        parts = urlsplit(uri)
-        port = parts.port or (443 if scheme == "https" else 80)
-        check_reachable(field, uri, parts.hostname, port, "MLflow server", timeout_s=timeout_s)
-    return uri
-
-
-_LOCK_DIR_ENV = "ZOSAM_LOCK_DIR"
-
-
-@contextlib.contextmanager
-def store_lock(uri: str) -> Iterator[None]:
-    """An exclusive lock over a sqlite store's one-time work (schema creation, experiment
-    creation), shared by every process on the host: two runs started together on a new
-    store would otherwise both create the schema ("table experiments already exists")."""
-    if not uri.startswith("sqlite:///"):
-        yield
-        return
-    import fcntl
-
-    db = Path(uri.removeprefix("sqlite:///"))
-    lock = db.with_name(db.name + ".lock")
-    with open(lock, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-_ready: set[str] = set()
-
-
-class _OneLine(logging.Filter):
-    """MLflow logs each database error with its traceback and SQL before raising it (a full
-    disk printed 13 chained tracebacks); the raised error becomes our ``TrackingError`` with
-    the reason, so the log keeps only the first line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info:
-            record.msg, record.args = (record.getMessage().strip().splitlines() or [""])[0][:300], None
-            record.exc_info = record.exc_text = None
-        return True
-
-
-def _quiet_mlflow_db_errors() -> None:
-    log = logging.getLogger("mlflow.store.db.utils")
-    if not any(isinstance(f, _OneLine) for f in log.filters):
-        log.addFilter(_OneLine())
 
 
 class _DropModelNoise(logging.Filter):
@@ -144,46 +73,6 @@ def _quiet_mlflow_pickle_warning() -> None:
         log = logging.getLogger(name)
         if not any(isinstance(f, _DropModelNoise) for f in log.filters):
             log.addFilter(_DropModelNoise())
-
-
-def client(uri: str):
-    """An ``MlflowClient``; a sqlite store's schema is created once, under :func:`store_lock`."""
-    from mlflow.tracking import MlflowClient
-
-    _quiet_mlflow_db_errors()
-    if not uri.startswith("sqlite:///") or uri in _ready:
-        return MlflowClient(tracking_uri=uri)
-    with store_lock(uri):
-        c = MlflowClient(tracking_uri=uri)
-        c.search_experiments(max_results=1)  # opens the store: creates and migrates the schema
-    _ready.add(uri)
-    return c
-
-
-def ensure_experiment(uri: str, name: str) -> str:
-    """The experiment's id, creating it if needed.
-
-    A sqlite store gets an absolute artifact location beside the database, so artifacts
-    land in the same place whatever the working directory (Ray trials change it).
-    """
-    c = client(uri)
-    exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):
-        location = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
-    with store_lock(uri):
-        exp = c.get_experiment_by_name(name)
-        if exp is not None:
-            return exp.experiment_id
-        try:
-            return c.create_experiment(name, artifact_location=location)
-        except Exception:  # created concurrently by another host (a server store): use theirs
-            exp = c.get_experiment_by_name(name)
-            if exp is None:
-                raise
-            return exp.experiment_id
 
 
 def run_key_hash(run_key: str) -> str:
@@ -411,28 +300,3 @@ def _content_digest(data: Any, meta: Mapping[str, Any]) -> str:
         if t is not None and hasattr(t, "numpy"):
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def learning_curve_figure(history: list[dict[str, Any]], title: str = ""):
-    """Train/test loss and accuracy per epoch, as a matplotlib figure (Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [h["epoch"] + 1 for h in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.4))
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train")
-    ax_acc.plot(epochs, [h["train_acc"] for h in history], label="train")
-    ev = [h for h in history if h.get("test_acc") is not None]
-    if ev:
-        ax_loss.plot([h["epoch"] + 1 for h in ev], [h["test_loss"] for h in ev], "o-", label="test")
-        ax_acc.plot([h["epoch"] + 1 for h in ev], [h["test_acc"] for h in ev], "o-", label="test")
-    for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy")):
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(name)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
