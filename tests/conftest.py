@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,3 +82,22 @@ def experiment(request: pytest.FixtureRequest) -> str:
     """An experiment of this test's own in the module's store."""
     module = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")
     return f"{module}-" + request.node.name.replace("[", "-").rstrip("]")
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A new PostgreSQL database on the machine's server (127.0.0.1:5432, trust auth), dropped
+    afterwards: where a cluster keeps its Optuna study. No server is an error, not a skip."""
+    import psycopg2
+
+    name = f"zosam_test_{uuid.uuid4().hex[:12]}"
+    admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=5)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()

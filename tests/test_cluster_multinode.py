@@ -105,11 +105,17 @@ def _steps(uri: str, run_id: str, key: str = "train_loss") -> list[int]:
     return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))
 
 
-def test_sweep_spreads_over_nodes_with_server_tracking_and_s3_storage(stack) -> None:
+def test_sweep_spreads_over_nodes_with_server_tracking_and_s3_storage(
+        stack, postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two concurrent 1-CPU trials on two 1-CPU worker nodes: Ray's state API places them on
-    different nodes; each is a child run on the server with params, metrics and artifacts in S3."""
+    different nodes; each is a child run on the server with params, metrics and artifacts in S3;
+    the Optuna study lives in PostgreSQL, as on a cluster."""
     import mlflow
+    import optuna
     import ray
+
+    monkeypatch.setenv("ZOSAM_OPTUNA_STORAGE", postgres_url)
+    monkeypatch.chdir(tmp_path)  # the driver's local bookkeeping (best config) goes here
 
     from zosam.sweep import run_sweep
 
@@ -160,6 +166,9 @@ def test_sweep_spreads_over_nodes_with_server_tracking_and_s3_storage(stack) -> 
     assert any("experiment_state" in k for k in ray_keys)
     assert len({k.split("/")[2] for k in ray_keys if "/checkpoint_" in k}) == 2  # both trials checkpointed to S3
     assert [t["retries"] for t in result.trials] == [0, 0]
+    study = optuna.load_study(study_name="spread", storage=postgres_url)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert sorted(t.value for t in study.trials) == pytest.approx(sorted(t["test_acc"] for t in result.trials))
 
 
 def test_two_train_workers_on_two_nodes_equal_one_process(stack, tmp_path: Path) -> None:
@@ -258,12 +267,15 @@ def test_driver_killed_then_resumed_on_the_same_cluster(stack, tmp_path: Path) -
         assert _steps(lc.tracking_uri, run_id) == [1, 2, 3, 4]
 
 
-def test_node_lost_mid_sweep_trials_restore_on_a_surviving_node(stack) -> None:
+def test_node_lost_mid_sweep_trials_restore_on_a_surviving_node(
+        stack, postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Remove worker node 1 while both trials run and have checkpointed to S3. Its trial fails,
     is retried (``max_failures: 1``) on the surviving node from its S3 checkpoint, and
     continues its MLflow run: one child per trial, every epoch's step logged exactly once."""
     from zosam.sweep import run_sweep
 
+    monkeypatch.setenv("ZOSAM_OPTUNA_STORAGE", postgres_url)
+    monkeypatch.chdir(tmp_path)
     lc = stack
     # Long enough (about 0.3 s an epoch on a quiet machine) that the loss lands mid-run.
     epochs = 40
