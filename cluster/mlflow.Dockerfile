@@ -8,7 +8,7 @@
 # with python:3.11-slim@sha256:<digest of the image you reviewed>.
 FROM python:3.11-slim
 
-RUN pip install --no-cache-dir 'mlflow[auth]==3.17.2' Flask-WTF==1.3.0 psycopg2-binary==2.9.13 boto3==1.44.5 \
+RUN pip install --no-cache-dir 'mlflow[auth]==3.17.2' Flask-WTF==1.3.0 'psycopg[binary]==3.3.9' boto3==1.44.5 \
  && groupadd --gid 10001 mlflow \
  && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/mlflow mlflow
 

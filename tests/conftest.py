@@ -88,16 +88,13 @@ def experiment(request: pytest.FixtureRequest) -> str:
 def postgres_url() -> Iterator[str]:
     """A new PostgreSQL database on the machine's server (127.0.0.1:5432, trust auth), dropped
     afterwards: where a cluster keeps its Optuna study. No server is an error, not a skip."""
-    import psycopg2
+    import psycopg  # SQLAlchemy 2.1's driver for plain postgresql:// URLs
 
     name = f"zosam_test_{uuid.uuid4().hex[:12]}"
-    admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=5)
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+    with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", autocommit=True,
+                         connect_timeout=5) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -77,6 +77,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
     for i, rho in enumerate((0.05, 0.1)):
         out = run(_cfg(f"mysweep-t{i}", {**zosam, "rho": rho}, 0, uri, "cmp-b", ckpt), log=None,
                   parent_run_id=parent.run_id, extra_tags={"zosam.sweep": "mysweep", "zosam.trial_id": f"t{i}"})
+        assert out.status == "finished", out.reason
         children.append(out.run_id)
 
     def stop(trainer, res, path, logger) -> None:  # as Ray Tune stops a trial inside its report

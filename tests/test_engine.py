@@ -171,7 +171,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path: Path, store
     resumed = run(cfg, resume=True, checkpoint_dir=killed_dir / "ckpt", tracking_uri=store, log=None)
     cfg_ref = load_config(cfg_path, [f"tracking.experiment={experiment}-ref"])
     reference = run(cfg_ref, checkpoint_dir=ref_dir / "ckpt", tracking_uri=store, log=None)
-    assert resumed.status == reference.status == "finished"
+    assert resumed.status == reference.status == "finished", (resumed.reason, reference.reason)
 
     a = torch.load(killed_dir / "ckpt" / CHECKPOINT_FILE, weights_only=True)
     b = torch.load(ref_dir / "ckpt" / CHECKPOINT_FILE, weights_only=True)

@@ -164,7 +164,7 @@ def test_resume_with_a_changed_config_is_refused_unless_allowed_and_then_recorde
         tmp_path: Path, store: str, experiment: str, capsys: pytest.CaptureFixture[str]) -> None:
     ckpt = tmp_path / "ckpt"
     first = run(tiny(experiment, "epochs=2"), checkpoint_dir=ckpt, tracking_uri=store, log=None)
-    assert first.status == "finished"
+    assert first.status == "finished", first.reason
     changed = [*overrides(TINY), f"tracking.experiment={experiment}", "epochs=3", "optimizer.lr=0.5"]
     capsys.readouterr()
     code = main(["train", *changed, "--resume", "--checkpoint-dir", str(ckpt), "--tracking-uri", store])
@@ -263,3 +263,18 @@ def test_a_run_key_is_matched_exactly_whatever_it_holds(store: str, experiment: 
     again = RunLogger(store, experiment, "keyed", run_key=key)
     assert again.run_id == first.run_id != other.run_id
     assert RunLogger(store, experiment, "another", run_key=key + "!").run_id not in (first.run_id, other.run_id)
+
+
+def test_a_run_logs_its_model_whatever_experiment_the_process_has_set(
+        tmp_path: Path, store: str, experiment: str) -> None:
+    """Other code in the process (a benchmark, a notebook) may have set MLflow's process-wide
+    experiment to another one: the run still ends finished with its model logged to its own."""
+    import mlflow
+
+    mlflow.set_tracking_uri(store)
+    mlflow.set_experiment(f"{experiment}-elsewhere")
+    out = run(tiny(experiment, "epochs=1"), checkpoint_dir=tmp_path / "ckpt", tracking_uri=store, log=None)
+    assert out.status == "finished", out.reason
+    client = mlflow.MlflowClient(store)
+    model_id = client.get_run(out.run_id).data.tags["zosam.model_id"]
+    assert client.get_logged_model(model_id).source_run_id == out.run_id

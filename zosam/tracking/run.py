@@ -198,7 +198,10 @@ class RunLogger:
         signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *input_shape))]),
                                    outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes))]))
         # log_model links the model to the active run: this run, for the duration of the call only.
+        # The process-wide experiment is set to the run's own: one left by other code in this
+        # process (a benchmark, a notebook) would make start_run refuse the run.
         mlflow.set_tracking_uri(self.uri)
+        mlflow.set_experiment(experiment_id=self.client.get_run(self.run_id).info.experiment_id)
         with mlflow.start_run(run_id=self.run_id):
             # The pickled module (not a traced pt2 graph): sparse models and any batch size load as trained.
             # Requirements given, not inferred (inference runs a subprocess: ~8 s a model). Loading
