@@ -5,12 +5,12 @@ from __future__ import annotations
 import io
 import os
 import tarfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from databases import postgres_database
 
 from zosam.data.config import default_archive
 
@@ -86,15 +86,6 @@ def experiment(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
-    """A new PostgreSQL database on the machine's server (127.0.0.1:5432, trust auth), dropped
-    afterwards: where a cluster keeps its Optuna study. No server is an error, not a skip."""
-    import psycopg  # SQLAlchemy 2.1's driver for plain postgresql:// URLs
-
-    name = f"zosam_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", autocommit=True,
-                         connect_timeout=5) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    """A PostgreSQL database of this test's own (:func:`postgres_database`)."""
+    with postgres_database() as url:
+        yield url

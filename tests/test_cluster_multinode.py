@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from databases import postgres_database
 from proc_utils import descendants, kill_tree
 from test_ray_integration import assert_same_weights, final_weights, run_dict, single_process
 
@@ -42,7 +43,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from zosam.bench.loopback_cluster import loopback_cluster
 
     tmp = tmp_path_factory.mktemp("stack")
-    with loopback_cluster(num_workers=2, cpus_per_worker=1, tmp=tmp) as lc:
+    # The MLflow server keeps its runs in PostgreSQL, as a cluster's does (cluster/kuberay/mlflow.yaml).
+    with postgres_database() as db, loopback_cluster(num_workers=2, cpus_per_worker=1, tmp=tmp,
+                                                      backend_store_uri=db) as lc:
         ray.init(address=lc.address, log_to_driver=False)
         yield lc
         pids = lc.pids() | {p for pid in lc.pids() for p in descendants(pid)}
@@ -166,6 +169,12 @@ def test_sweep_spreads_over_nodes_with_server_tracking_and_s3_storage(
     assert any("experiment_state" in k for k in ray_keys)
     assert len({k.split("/")[2] for k in ray_keys if "/checkpoint_" in k}) == 2  # both trials checkpointed to S3
     assert [t["retries"] for t in result.trials] == [0, 0]
+    # The server's runs are rows in PostgreSQL (not a sqlite file on the server's disk).
+    import psycopg
+
+    with psycopg.connect(lc.backend_store_uri) as db:
+        stored = {r[0] for r in db.execute("SELECT run_uuid FROM runs").fetchall()}
+    assert set(kids["run_id"]) <= stored
     study = optuna.load_study(study_name="spread", storage=postgres_url)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
     assert sorted(t.value for t in study.trials) == pytest.approx(sorted(t["test_acc"] for t in result.trials))

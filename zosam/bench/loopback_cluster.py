@@ -99,6 +99,7 @@ class LoopbackCluster:
     storage_path: str
     tmp: Path
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    backend_store_uri: str = ""  # the MLflow server's database
 
     @property
     def address(self) -> str:
@@ -136,7 +137,7 @@ ENV = {"AWS_ACCESS_KEY_ID": "zosam-test", "AWS_SECRET_ACCESS_KEY": "zosam-test",
 
 @contextlib.contextmanager
 def loopback_cluster(num_workers: int = 2, cpus_per_worker: float = 1, tmp: str | Path | None = None,
-                     worker_resources: bool = True, head_cpus: float = 0):
+                     worker_resources: bool = True, head_cpus: float = 0, backend_store_uri: str | None = None):
     """Start the stack; yield a :class:`LoopbackCluster`; stop everything it started.
 
     Args:
@@ -145,10 +146,13 @@ def loopback_cluster(num_workers: int = 2, cpus_per_worker: float = 1, tmp: str 
         head_cpus: logical CPUs of the head (0: it only hosts drivers and Ray's services).
         tmp: folder for the sqlite store and logs (default: a new temporary folder).
         worker_resources: give worker node i a custom resource ``node<i>: 1`` (to pin work).
+        backend_store_uri: the MLflow server's database, e.g. a PostgreSQL URL, as on a
+            cluster (default: a sqlite file in ``tmp``).
     """
     own_tmp = tempfile.TemporaryDirectory(prefix="zosam-cluster-") if tmp is None else None
     root = Path(tmp or own_tmp.name)
     s3_port, mlflow_port = free_port(), free_port()
+    backend_store_uri = backend_store_uri or f"sqlite:///{root / 'mlflow.db'}"
     endpoint = f"http://127.0.0.1:{s3_port}"
     saved = {k: os.environ.get(k) for k in (*ENV, "MLFLOW_S3_ENDPOINT_URL")}
     # Before Ray is imported: Ray reads the loopback switch when it loads.
@@ -171,7 +175,8 @@ def loopback_cluster(num_workers: int = 2, cpus_per_worker: float = 1, tmp: str 
         for bucket in (RAY_BUCKET, MLFLOW_BUCKET):
             s3.create_bucket(Bucket=bucket)
         procs["mlflow_server"] = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+            [str(BIN / "mlflow"), "server",
+             "--backend-store-uri", backend_store_uri,
              "--artifacts-destination", f"s3://{MLFLOW_BUCKET}/artifacts", "--host", "127.0.0.1",
              "--port", str(mlflow_port), "--workers", "1"],
             stdout=(root / "mlflow.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -185,7 +190,8 @@ def loopback_cluster(num_workers: int = 2, cpus_per_worker: float = 1, tmp: str 
                                     resources={f"node{i}": 1} if worker_resources else None)
                    for i in range(num_workers)]
         cluster.wait_for_nodes()
-        yield LoopbackCluster(cluster, workers, endpoint, tracking_uri, f"s3://{RAY_BUCKET}/ray", root, procs)
+        yield LoopbackCluster(cluster, workers, endpoint, tracking_uri, f"s3://{RAY_BUCKET}/ray", root, procs,
+                              backend_store_uri)
     finally:
         if ray.is_initialized():
             ray.shutdown()
