@@ -278,3 +278,21 @@ def test_a_run_logs_its_model_whatever_experiment_the_process_has_set(
     client = mlflow.MlflowClient(store)
     model_id = client.get_run(out.run_id).data.tags["zosam.model_id"]
     assert client.get_logged_model(model_id).source_run_id == out.run_id
+
+
+def test_the_logged_model_is_the_weights_whose_accuracy_is_reported(
+        tmp_path: Path, store: str, experiment: str) -> None:
+    """With a weight EMA, ``test_acc`` is the EMA's: the run's logged model is the EMA too,
+    so ``mlflow.pytorch.load_model`` gives the model that scores the logged accuracy."""
+    import mlflow
+
+    out = run(tiny(experiment, "epochs=2", "model_ema_decay=0.5"), checkpoint_dir=tmp_path / "ckpt",
+              tracking_uri=store, log=None)
+    assert out.status == "finished", out.reason
+    model_id = mlflow.MlflowClient(store).get_run(out.run_id).data.tags["zosam.model_id"]
+    mlflow.set_tracking_uri(store)
+    logged = mlflow.pytorch.load_model(f"models:/{model_id}").state_dict()
+    ckpt = torch.load(tmp_path / "ckpt" / CHECKPOINT_FILE, weights_only=True)
+    for name, value in ckpt["ema"].items():
+        assert torch.equal(logged[name], value.float()), name
+    assert any(not torch.equal(logged[n], v.float()) for n, v in ckpt["model"].items() if v.is_floating_point())

@@ -176,7 +176,8 @@ class Trainer:
 
     @property
     def eval_model(self) -> nn.Module:
-        """The weights evaluated and reported: the EMA when ``model_ema_decay`` is set, else the model."""
+        """The weights evaluated and reported (and logged as the run's model): the EMA when
+        ``model_ema_decay`` is set, else the model."""
         return self.ema.module if self.ema is not None else self.model
 
     def init_masks(self) -> None:
@@ -304,8 +305,8 @@ class Trainer:
     def evaluate(self, loader=None, net: nn.Module | None = None) -> tuple[float, float]:
         """(mean loss, accuracy) of ``net`` (default: ``eval_model``) over a loader (default: the test
         split), summed over ranks."""
-        if net is None:
-            net = self.ema.module if self.ema is not None else self.net
+        if net is None:  # the DDP wrapper for the trained weights, as in training
+            net = self.eval_model if self.ema is not None else self.net
         self.net.eval()
         net.eval()
         loss_sum, correct, n = 0.0, 0.0, 0

@@ -235,7 +235,7 @@ def run(
             stopped = e.code in (0, None)
             if stopped and cfg.tracking.log_model:  # the scheduler's stop is this trial's end: keep its model
                 with contextlib.suppress(TrackingError):
-                    logger.log_model(trainer.model, input_shape=trainer.data.input_shape)
+                    logger.log_model(trainer.eval_model, input_shape=trainer.data.input_shape)
             logger.end("stopped_early" if stopped else "failed",
                        f"stopped after epoch {len(trainer.history)}" if stopped else f"exited with status {e.code}")
         raise
@@ -271,7 +271,7 @@ def _record_config_change(logger: RunLogger, changes: list[tuple[str, str | None
 
 
 def _log_final(logger: RunLogger, trainer: Trainer, summary: dict[str, Any]) -> None:
-    model_id = (logger.log_model(trainer.model, input_shape=trainer.data.input_shape)
+    model_id = (logger.log_model(trainer.eval_model, input_shape=trainer.data.input_shape)
                 if trainer.cfg.tracking.log_model else None)
     logger.log_metrics({k: v for k, v in summary.items() if v is not None}, model_id=model_id)
     if not trainer.cfg.sparse.is_dense:
