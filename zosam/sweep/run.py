@@ -88,22 +88,22 @@ def run_sweep(spec_path: str | Path | dict[str, Any], *, address: str | None = N
         check_cluster_can_run(spec, ray.cluster_resources())
         ensure_experiment(uri, spec.tracking["experiment"])  # once, before trials race to create it
         local.mkdir(parents=True, exist_ok=True)
-        study_storage = optuna_study.open_storage(study_url)
-        state = _sweep_state(local, spec, uri, resume)
-        ctx = {"base": spec.base, "sweep": spec.name, "tracking_uri": uri, "parent_run_id": state["parent_run_id"],
-               "experiment": spec.tracking["experiment"],
-               "train_storage": f"{storage_uri}/{spec.name}-train", "storage_endpoint": endpoint,
-               **spec.resources}
-        trainable = tune.with_resources(trial_function, placement(spec))
-        if resume and tune.Tuner.can_restore(ray_path(exp_dir, endpoint), storage_filesystem=fs):
-            out(f"resuming sweep {spec.name!r} from {exp_dir}")
-            tuner = restored_tuner(spec, trainable, ctx, ray_path(exp_dir, endpoint), fs=fs)
-        else:
-            tuner = new_tuner(spec, trainable, ctx, ray_path(storage_uri, endpoint), study_storage=study_storage,
-                              callbacks=[SweepCallback(spec, uri)], fs=fs)
-        grid = tuner.fit()
-        return report(spec, grid, parent_run_id=state["parent_run_id"], uri=uri, outputs=local, out=out,
-                      ray_dir=exp_dir, retries=retries_used(grid), study_url=study_url, study_storage=study_storage)
+        with optuna_study.open_storage(study_url) as study_storage:
+            state = _sweep_state(local, spec, uri, resume)
+            ctx = {"base": spec.base, "sweep": spec.name, "tracking_uri": uri, "parent_run_id": state["parent_run_id"],
+                   "experiment": spec.tracking["experiment"],
+                   "train_storage": f"{storage_uri}/{spec.name}-train", "storage_endpoint": endpoint,
+                   **spec.resources}
+            trainable = tune.with_resources(trial_function, placement(spec))
+            if resume and tune.Tuner.can_restore(ray_path(exp_dir, endpoint), storage_filesystem=fs):
+                out(f"resuming sweep {spec.name!r} from {exp_dir}")
+                tuner = restored_tuner(spec, trainable, ctx, ray_path(exp_dir, endpoint), fs=fs)
+            else:
+                tuner = new_tuner(spec, trainable, ctx, ray_path(storage_uri, endpoint), study_storage=study_storage,
+                                  callbacks=[SweepCallback(spec, uri)], fs=fs)
+            grid = tuner.fit()
+            return report(spec, grid, parent_run_id=state["parent_run_id"], uri=uri, outputs=local, out=out,
+                          ray_dir=exp_dir, retries=retries_used(grid), study_url=study_url, study_storage=study_storage)
     finally:
         if started:
             stop_local_ray()

@@ -13,9 +13,10 @@ are ``optuna.visualization.matplotlib``'s, logged to the sweep's parent MLflow r
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,13 +70,21 @@ def check_storage(field: str, url: str, *, timeout_s: float = CONNECT_TIMEOUT_S)
     return url
 
 
-def open_storage(url: str):
-    """An ``optuna.storages.RDBStorage`` (schema created on first use). A sqlite file waits
-    for a lock instead of failing at once: the dashboard may be reading it."""
+@contextlib.contextmanager
+def open_storage(url: str) -> Iterator[Any]:
+    """An ``optuna.storages.RDBStorage`` (schema created on first use), its connections closed
+    on leaving: Optuna leaves its SQLAlchemy pool to the garbage collector, which keeps a
+    database server's connection slots until then and warns (psycopg) when it comes. A sqlite
+    file waits for a lock instead of failing at once: the dashboard may be reading it."""
     import optuna
 
     kwargs = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    try:
+        yield storage
+    finally:
+        storage.remove_session()
+        storage.engine.dispose()
 
 
 def study_exists(url: str, name: str) -> bool:
@@ -85,7 +94,8 @@ def study_exists(url: str, name: str) -> bool:
 
     if url.startswith("sqlite") and not Path(url.partition(":///")[2]).is_file():
         return False
-    return name in optuna.study.get_all_study_names(open_storage(url))
+    with open_storage(url) as storage:
+        return name in optuna.study.get_all_study_names(storage)
 
 
 def load(storage, name: str):
