@@ -169,6 +169,23 @@ def test_ray_address_file_matches_ray(monkeypatch: pytest.MonkeyPatch, tmp_path:
         assert ray_address_file() == Path(get_ray_address_file(None)), env
 
 
+def test_ray_launcher_private_helpers() -> None:
+    """zosam_cluster.launcher validates ``ray up`` configs offline with two private helpers of
+    Ray (its public bootstrap_config contacts the cloud). This fails first if Ray moves them or
+    stops reporting a schema error as jsonschema's ValidationError with a path."""
+    import jsonschema
+    from ray.autoscaler._private import util
+
+    assert list(inspect.signature(util.prepare_config).parameters) == ["config"]
+    assert list(inspect.signature(util.validate_config).parameters) == ["config"]
+    config = util.prepare_config({"cluster_name": "c", "provider": {"type": "aws", "region": "us-west-2"}})
+    util.validate_config(config)
+    config["available_node_types"][config["head_node_type"]]["max_workers"] = "two"
+    with pytest.raises(jsonschema.ValidationError) as err:
+        util.validate_config(config)
+    assert list(err.value.absolute_path)[-1] == "max_workers"
+
+
 def test_package_discovery_includes_every_package() -> None:
     """setuptools' discovery, as pyproject.toml configures it, finds every folder of the shipped
     packages with Python files (wherever code moves inside them), and each is a regular package."""

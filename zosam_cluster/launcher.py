@@ -24,6 +24,8 @@ def validate_ray_cluster_config(path: str | Path) -> dict[str, Any]:
         ClusterConfigError: the file is not a mapping, Ray's schema rejects a field (the
             message gives its dotted path), or one of Ray's semantic rules fails.
     """
+    # Private: Ray has no public validate-only call (ray.autoscaler.sdk.bootstrap_config also
+    # contacts the cloud). tests/test_packaging.py::test_ray_launcher_private_helpers pins them.
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     path = Path(path)
