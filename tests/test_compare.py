@@ -69,7 +69,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
     uri = f"sqlite:///{root / 'mlflow.db'}"
     ckpt = root / "ckpt"
     zosam = {"name": "zosam", "rho": 0.05, "mu": 1e-3, "q": 1}
-    for opt in ({"name": "sgd"}, zosam):
+    for opt in ({"name": "base"}, zosam):
         for seed in (0, 1):
             out = run(_cfg(f"{opt['name']}-s{seed}", opt, seed, uri, "cmp-a", ckpt), log=None)
             assert out.status == "finished"
@@ -135,7 +135,7 @@ def exported(store: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_groups_match_the_runs_own_metrics(store: dict, exported: dict) -> None:
     expected = _expected_by_optimizer(store["uri"], "cmp-a")
     groups = exported["result"].groups
-    assert [g.value("optimizer") for g in groups] == ["sgd", "zosam"]
+    assert [g.value("optimizer") for g in groups] == ["base", "zosam"]
     for g in groups:
         e = expected[g.value("optimizer")]
         assert {r.run_id for r in g.runs} == e["run_ids"]
@@ -162,7 +162,7 @@ def test_csv_and_markdown_exports(store: dict, exported: dict) -> None:
     out: Path = exported["out"]
     with (out / "comparison.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert [r["optimizer"] for r in rows] == ["sgd", "zosam"]
+    assert [r["optimizer"] for r in rows] == ["base", "zosam"]
     for r in rows:
         e = expected[r["optimizer"]]
         assert (r["host"], r["density"], r["dataset"], r["model"]) == ("rigl", "0.5", "digits", "tiny_cnn")
@@ -244,8 +244,8 @@ def test_sweep_selects_only_its_children(store: dict, sweep_by: str) -> None:
 
 def test_tag_and_filter_selections(store: dict) -> None:
     uri = store["uri"]
-    by_tag = compare(Selection(tags=parse_tags(["optimizer=sgd"])), tracking_uri=uri, log=False, echo=None)
-    assert [g.value("optimizer") for g in by_tag.groups] == ["sgd"]
+    by_tag = compare(Selection(tags=parse_tags(["optimizer=base"])), tracking_uri=uri, log=False, echo=None)
+    assert [g.value("optimizer") for g in by_tag.groups] == ["base"]
     by_filter = compare(Selection(filter="params.seed = '1'"), tracking_uri=uri, log=False, echo=None)
     runs = [r for g in by_filter.groups for r in g.runs]
     assert len(runs) == 2 and {r.tags["zosam.seed"] for r in runs} == {"1"}

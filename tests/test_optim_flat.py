@@ -185,7 +185,7 @@ def _syncs(opt, closure, steps: int = 3) -> int:
     return sum(ev.name == "aten::_local_scalar_dense" for ev in prof.events())
 
 
-@pytest.mark.parametrize("spec", ["sgd", "sam", "zosam", "zosam:directions=sphere", "zosam:directions=guided",
+@pytest.mark.parametrize("spec", ["base", "sam", "zosam", "zosam:directions=sphere", "zosam:directions=guided",
                                   "zosam:difference=forward", "rwp", "looksam:k=2", "gsam", "asyncsam", "msam",
                                   "esam:gamma=1.0"])
 def test_a_step_reads_nothing_back_to_the_host(spec: str) -> None:
